@@ -1,0 +1,166 @@
+"""Where asgi_htag keeps its files, and the signing secret shared by every worker.
+
+Two directories are involved:
+
+* the *state directory* holds what must survive a restart: the signing secret and the
+  default SQLite session store;
+* the *runtime directory* holds the Unix sockets of the fork server and of every
+  per-session process. It is private (0700) and its path is short, because AF_UNIX paths
+  are limited to about 100 bytes.
+
+Every worker of one server computes the same two paths from the same settings, which is
+how they find each other's processes.
+"""
+import hashlib
+import logging
+import os
+import secrets
+import stat
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+from .exceptions import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+ENV_SECRET = "ASGI_HTAG_SECRET"
+ENV_STATE_DIR = "ASGI_HTAG_STATE_DIR"
+ENV_RUNTIME_DIR = "ASGI_HTAG_RUNTIME_DIR"
+
+# AF_UNIX sun_path is 108 bytes on Linux; leave room for "/<20 hex>.sock" and a tmp suffix.
+_MAX_RUNTIME_DIR_BYTES = 70
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class Secret:
+    """A string that never shows itself in a repr, a str() or a log line."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: Union[str, bytes]) -> None:
+        if isinstance(value, str):
+            value = value.encode()
+        if len(value) < 16:
+            raise ConfigurationError(
+                "the session secret must be at least 16 bytes long; "
+                f"set {ENV_SECRET} or pass secret=... with a longer value"
+            )
+        self._value = bytes(value)
+
+    def __bytes__(self) -> bytes:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+
+def default_state_dir() -> Path:
+    """The state directory: ``$ASGI_HTAG_STATE_DIR``, else ``$XDG_STATE_HOME/asgi_htag``,
+    else ``~/.local/state/asgi_htag``."""
+    env = os.environ.get(ENV_STATE_DIR)
+    if env:
+        return Path(env).expanduser().absolute()
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
+    return (base / "asgi_htag").absolute()
+
+
+def default_runtime_dir(state_dir: PathLike) -> Path:
+    """The runtime directory for a state directory: ``$ASGI_HTAG_RUNTIME_DIR``, else a short,
+    per-user, per-state-dir folder under ``$XDG_RUNTIME_DIR`` or the system temp dir."""
+    env = os.environ.get(ENV_RUNTIME_DIR)
+    if env:
+        return Path(env).expanduser().absolute()
+    digest = hashlib.sha256(os.fsencode(Path(state_dir).absolute())).hexdigest()[:12]
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    candidate = Path(base) / f"asgi_htag-{digest}"
+    if len(os.fsencode(candidate)) > _MAX_RUNTIME_DIR_BYTES:
+        candidate = Path(tempfile.gettempdir()) / f"ahtag-{os.getuid()}-{digest}"
+    return candidate
+
+
+def ensure_private_dir(path: PathLike) -> Path:
+    """Create ``path`` (mode 0700) if needed and check that it is ours and private.
+
+    Raises:
+        ConfigurationError: the directory belongs to another user or is open to others.
+    """
+    p = Path(path)
+    p.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(p)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigurationError(f"{p} exists and is not a directory")
+    if st.st_uid != os.getuid():
+        raise ConfigurationError(f"{p} belongs to uid {st.st_uid}, not to us ({os.getuid()}); pick another directory")
+    if st.st_mode & 0o077:
+        os.chmod(p, 0o700)
+    return p
+
+
+def check_runtime_dir(path: PathLike) -> Path:
+    """:func:`ensure_private_dir`, plus a check that socket paths inside will fit AF_UNIX."""
+    p = ensure_private_dir(path)
+    if len(os.fsencode(p)) > _MAX_RUNTIME_DIR_BYTES:
+        raise ConfigurationError(
+            f"runtime directory {p} is too long for Unix socket paths "
+            f"(max {_MAX_RUNTIME_DIR_BYTES} bytes); set {ENV_RUNTIME_DIR} to a shorter path"
+        )
+    return p
+
+
+def load_secret(state_dir: PathLike, secret: Optional[Union[str, bytes, Secret]] = None) -> Secret:
+    """The cookie-signing secret: the argument, else ``$ASGI_HTAG_SECRET``, else a random one
+    created once in ``<state_dir>/secret`` (mode 0600) and shared by every worker and restart."""
+    if isinstance(secret, Secret):
+        return secret
+    if secret:
+        return Secret(secret)
+    env = os.environ.get(ENV_SECRET)
+    if env:
+        return Secret(env)
+    d = ensure_private_dir(state_dir)
+    path = d / "secret"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        data = b""
+    if len(data) >= 32:
+        return Secret(data.strip())
+    # Write to a unique temp name, then link(): link never overwrites, so when several workers
+    # race at first start exactly one secret wins and everybody reads that one.
+    value = secrets.token_hex(32).encode()
+    tmp = d / f".secret.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, value)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+        logger.info("created a new session secret in %s", d)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    data = path.read_bytes().strip()
+    if len(data) < 32:
+        raise ConfigurationError(f"{path} holds a truncated secret; delete it or set {ENV_SECRET}")
+    return Secret(data)
+
+
+__all__ = (
+    "Secret",
+    "default_state_dir",
+    "default_runtime_dir",
+    "ensure_private_dir",
+    "check_runtime_dir",
+    "load_secret",
+    "ENV_SECRET",
+    "ENV_STATE_DIR",
+    "ENV_RUNTIME_DIR",
+)

@@ -1,0 +1,50 @@
+"""The errors asgi_htag raises. Every one derives from :class:`HtagError`."""
+
+
+class HtagError(Exception):
+    """Base class of every asgi_htag error."""
+
+
+class ConfigurationError(HtagError):
+    """A setting is missing, malformed or out of range."""
+
+
+class ProtocolError(HtagError):
+    """A frame broke the wire protocol (bad length, bad JSON, wrong shape)."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame is larger than the configured ``max_frame_bytes``."""
+
+
+class ProcessStartError(HtagError):
+    """A per-session process (or the fork server) could not be started."""
+
+
+class ProcessGone(HtagError):
+    """The per-session process does not exist (any more)."""
+
+
+class PoolFull(HtagError):
+    """The host already runs ``max_processes`` per-session processes."""
+
+
+class InteractionTimeout(HtagError):
+    """An interaction ran past ``timeout_interaction``; its process was killed."""
+
+
+class Forbidden(HtagError):
+    """A client asked for something the rendered page does not offer."""
+
+
+__all__ = (
+    "HtagError",
+    "ConfigurationError",
+    "ProtocolError",
+    "FrameTooLarge",
+    "ProcessStartError",
+    "ProcessGone",
+    "PoolFull",
+    "InteractionTimeout",
+    "Forbidden",
+)
