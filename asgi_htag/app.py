@@ -1,0 +1,620 @@
+"""HtagASGI: a raw ASGI app that serves one htag app, one OS process per session.
+
+Routes, relative to wherever it is mounted (``scope["root_path"]``):
+
+* ``GET /`` (any query string): the page; the query params build the instance.
+* ``WEBSOCKET /_htag/<app id>/ws``: interactions in, actions and ``tag.update()`` pushes out.
+* ``POST /_htag/<app id>/interact``: one interaction (http_only mode).
+
+The app id and the process key are derived server-side (a hash of the app's reference and
+options, and of the session id), so a URL never names code to import, and a client can only
+ever reach the processes of its own session.
+"""
+import hashlib
+import html
+import json
+import logging
+import os
+import re
+import sys
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+from urllib.parse import parse_qs
+
+import anyio
+
+from ._types import Receive, Scope, Send
+from .config import Secret, check_runtime_dir, default_runtime_dir, default_state_dir, load_secret
+from .exceptions import ConfigurationError, PoolFull, ProcessGone, ProcessStartError, ProtocolError
+from .process.pool import PoolConfig, ProcessPool
+from .sessions import Session, SessionMiddleware, SessionStore, default_store
+
+logger = logging.getLogger(__name__)
+
+APP_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+_CFG_PLACEHOLDER = "/*ASGI_HTAG_CFG*/null"
+_ROUTE_RE = re.compile(r"^/_htag/([^/]*)/(ws|interact)$")
+
+
+@dataclass(frozen=True)
+class AppOptions:
+    """Per-app settings; they travel to the app's processes."""
+
+    http_only: bool = False
+    debug: bool = False
+    timeout_interaction: float = 60.0
+    timeout_inactivity: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.timeout_interaction < 0 or self.timeout_inactivity < 0:
+            raise ConfigurationError("timeouts are in seconds and must be >= 0 (0 disables them)")
+
+
+def app_reference(obj: Any) -> str:
+    """``"module:Qual.Name"`` for a Tag subclass or a "module:Class" / "module.Class" string.
+
+    Raises:
+        ConfigurationError: the app cannot be found again by import in another process.
+    """
+    if isinstance(obj, str):
+        if ":" in obj:
+            module, _, name = obj.partition(":")
+        elif "." in obj:
+            module, _, name = obj.rpartition(".")
+        else:
+            module, name = "", ""
+        if not module or not name or not all(p.isidentifier() for p in module.split(".") + name.split(".")):
+            raise ConfigurationError(f"app {obj!r} must be a Tag subclass or a 'module:Class' string")
+        return f"{module}:{name}"
+    from htag import Tag
+
+    if not (isinstance(obj, type) and issubclass(obj, Tag)):
+        raise ConfigurationError(f"app must be an htag Tag subclass or a 'module:Class' string, not {obj!r}")
+    if "<locals>" in obj.__qualname__:
+        raise ConfigurationError(
+            f"{obj.__qualname__} is defined inside a function; define it at module level so "
+            "the per-session processes can import it"
+        )
+    return f"{obj.__module__}:{obj.__qualname__}"
+
+
+def app_id_for(ref: str, opts: AppOptions) -> str:
+    return hashlib.sha256(json.dumps([ref, asdict(opts)], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def process_key(sid: str, app_id: str) -> str:
+    return hashlib.sha256(f"{sid}\0{app_id}".encode()).hexdigest()[:20]
+
+
+def url_to_init(query_string: str) -> List[Any]:
+    """htag's rule: ``?john&age=12`` -> ``[["john"], {"age": "12"}]``."""
+    from htag.runners.commons import url2ak
+
+    args, kargs = url2ak("?" + query_string if query_string else "")
+    return [list(args), dict(kargs)]
+
+
+def _script_json(obj: Any) -> str:
+    return json.dumps(obj).replace("<", "\\u003c").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def _relative_path(scope: Scope) -> str:
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "") or ""
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path or "/"
+
+
+def _header(scope: Scope, name: bytes) -> Optional[str]:
+    for k, v in scope.get("headers") or []:
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+class Engine:
+    """Worker-side machinery shared by :class:`HtagASGI` and the Runner: settings, the
+    session store, the process pool and the three handlers."""
+
+    def __init__(
+        self,
+        *,
+        state_dir: Optional[Union[str, Path]] = None,
+        runtime_dir: Optional[Union[str, Path]] = None,
+        secret: Optional[Union[str, bytes, Secret]] = None,
+        store: Optional[SessionStore] = None,
+        max_processes: int = 1000,
+        max_message_bytes: int = 1024 * 1024,
+        zygote_grace_seconds: float = 5.0,
+        allowed_origins: Optional[List[str]] = None,
+        log_level: Optional[str] = None,
+    ) -> None:
+        if max_processes < 1:
+            raise ConfigurationError("max_processes must be >= 1")
+        if max_message_bytes < 1024:
+            raise ConfigurationError("max_message_bytes must be >= 1024")
+        self.state_dir = Path(state_dir).absolute() if state_dir else default_state_dir()
+        self.runtime_dir = Path(runtime_dir).absolute() if runtime_dir else default_runtime_dir(self.state_dir)
+        self._secret_arg = secret
+        self._secret: Optional[Secret] = None
+        self._store = store
+        self.max_message_bytes = max_message_bytes
+        self.allowed_origins = [o.rstrip("/") for o in (allowed_origins or [])]
+        main = sys.modules.get("__main__")
+        self.main_path = getattr(main, "__file__", None)
+        if self.main_path:
+            self.main_path = os.path.abspath(self.main_path)
+        self.pool_config = PoolConfig(
+            runtime_dir=self.runtime_dir,
+            max_processes=max_processes,
+            grace_seconds=zygote_grace_seconds,
+            log_level=log_level or logging.getLevelName(logging.getLogger("asgi_htag").getEffectiveLevel()),
+        )
+        self._pool: Optional[ProcessPool] = None
+
+    @property
+    def secret(self) -> Secret:
+        if self._secret is None:
+            self._secret = load_secret(self.state_dir, self._secret_arg)
+        return self._secret
+
+    @property
+    def store(self) -> SessionStore:
+        if self._store is None:
+            self._store = default_store(self.state_dir)
+        return self._store
+
+    @property
+    def pool(self) -> ProcessPool:
+        if self._pool is None:
+            check_runtime_dir(self.runtime_dir)
+            self._pool = ProcessPool(self.pool_config, main_path=self.main_path)
+        return self._pool
+
+    def session_middleware(self, app: Any) -> SessionMiddleware:
+        return SessionMiddleware(app, store=self.store, secret=self.secret)
+
+    async def startup(self, refs: List[str]) -> None:
+        for ref in refs:
+            self.pool.register_app(ref)
+        await self.pool.ensure_zygote()
+
+    async def shutdown(self) -> None:
+        if self._pool is not None:
+            await self.pool.aclose()
+
+    # --- helpers ----------------------------------------------------------------------
+    def origin_ok(self, scope: Scope) -> bool:
+        origin = _header(scope, b"origin")
+        if origin is None:
+            return True  # not a browser: cross-site hijacking needs one
+        origin = origin.rstrip("/")
+        if origin in self.allowed_origins:
+            return True
+        host = _header(scope, b"host")
+        if host is None:
+            return False
+        _, _, netloc = origin.partition("://")
+        return netloc.lower() == host.lower()
+
+    @staticmethod
+    def session_of(scope: Scope) -> Session:
+        session = scope.get("session")
+        if not isinstance(session, Session):
+            raise ConfigurationError(
+                "asgi_htag needs its own session in scope['session']; wrap the app in "
+                "asgi_htag.SessionMiddleware (or use HtagASGI / Runner, which do it)"
+            )
+        return session
+
+    # --- GET: the page ----------------------------------------------------------------
+    async def render_page(self, scope: Scope, ref: str, opts: AppOptions) -> Tuple[int, str]:
+        """Render the page of ``ref`` for this request's session: ``(status, html)``."""
+        session = self.session_of(scope)
+        sid = session.ensure_id()
+        app_id = app_id_for(ref, opts)
+        key = process_key(sid, app_id)
+        qs = scope.get("query_string", b"").decode("latin-1")
+        init = url_to_init(qs)
+        pool = self.pool
+        pool.register_app(ref)
+        for attempt in (1, 2):
+            try:
+                info = await pool.spawn(key, ref, init, dict(session), asdict(opts))
+            except PoolFull:
+                logger.warning("refusing a new process for session %s: pool is full", sid[:6])
+                return 503, _error_page("The server is busy", "Too many users right now. Please try again later.")
+            except ProcessStartError as exc:
+                kind = getattr(exc, "kind", "crash")
+                logger.error("cannot start %s for session %s: %s", ref, sid[:6], exc)
+                if kind == "timeout":
+                    return 504, _error_page(
+                        "The application took too long to start",
+                        f"It did not start within {opts.timeout_interaction:g} s. Reload to try again.",
+                    )
+                detail = str(exc) if opts.debug else "The application could not start."
+                return 500, _error_page("Application error", detail, pre=opts.debug)
+            conn = None
+            try:
+                conn = await pool.acquire(key)
+                reply = await conn.request({"t": "render", "token": info["token"], "session": dict(session)})
+            except ProcessGone:
+                if conn is not None:
+                    await conn.aclose()
+                    conn = None
+                if attempt == 2:
+                    return 500, _error_page("Application error", "The application process stopped while rendering.")
+                continue
+            finally:
+                if conn is not None:
+                    await pool.release(conn)
+            if reply.get("t") != "html":
+                if attempt == 2:
+                    return 500, _error_page("Application error", "The application process did not render the page.")
+                continue
+            self._apply_local(session, reply.get("diff"))
+            root = scope.get("root_path", "") or ""
+            cfg = {
+                "mode": "http" if opts.http_only else "ws",
+                "ws": f"{root}/_htag/{app_id}/ws",
+                "post": f"{root}/_htag/{app_id}/interact",
+                "token": info["token"],
+            }
+            page = reply["html"].replace(_CFG_PLACEHOLDER, _script_json(cfg), 1)
+            logger.info(
+                "render %s for session %s (process %s, %s)", ref, sid[:6], info.get("pid"), "new" if info.get("created") else "reused"
+            )
+            return 200, page
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _apply_local(session: Session, diff: Optional[Dict[str, Any]]) -> None:
+        if not diff:
+            return
+        for k, v in (diff.get("set") or {}).items():
+            session[k] = v
+        for k in diff.get("del") or []:
+            session.pop(k, None)
+
+    # --- websocket and POST: interactions ---------------------------------------------
+    async def interaction_endpoint(self, scope: Scope, receive: Receive, send: Send, app_id: str, kind: str) -> None:
+        if kind == "ws" and scope["type"] == "websocket":
+            await self._websocket(scope, receive, send, app_id)
+        elif kind == "interact" and scope["type"] == "http" and scope.get("method") == "POST":
+            await self._post(scope, receive, send, app_id)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+        else:
+            await _send_response(send, 405, b"method not allowed", "text/plain; charset=utf-8")
+
+    async def _post(self, scope: Scope, receive: Receive, send: Send, app_id: str) -> None:
+        if not self.origin_ok(scope):
+            logger.warning("refused an interaction POST from a foreign origin")
+            await _send_json(send, 403, {"asgi_htag": "error", "message": "foreign origin"})
+            return
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_message_bytes:
+                await _send_json(send, 413, {"asgi_htag": "error", "message": "interaction too large"})
+                return
+        data, error = _parse_interaction(bytes(body))
+        if error:
+            await _send_json(send, 400, {"asgi_htag": "error", "message": error})
+            return
+        session = self.session_of(scope)
+        token = _query_value(scope, "t")
+        if session.sid is None or not APP_ID_RE.match(app_id) or not token:
+            await _send_json(send, 200, _GONE)
+            return
+        key = process_key(session.sid, app_id)
+        pool = self.pool
+        try:
+            conn = await pool.acquire(key)
+        except ProcessGone:
+            await _send_json(send, 200, _GONE)
+            return
+        try:
+            reply = await conn.request({"t": "interact", "token": token, "data": data, "session": dict(session)})
+        except ProcessGone:
+            await conn.aclose()
+            await _send_json(send, 200, _dead_message(True))
+            return
+        except ProtocolError:
+            await conn.aclose()
+            await _send_json(send, 502, {"asgi_htag": "error", "message": "the app process broke the protocol"})
+            return
+        await pool.release(conn)
+        if reply.get("t") == "gone":
+            await _send_json(send, 200, _GONE)
+            return
+        diff = reply.get("diff")
+        if diff:
+            await session.apply_changes(diff.get("set") or {}, diff.get("del") or [])
+        await _send_json(send, 200, reply.get("actions") or {})
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send, app_id: str) -> None:
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        if not self.origin_ok(scope):
+            logger.warning("refused a websocket from a foreign origin")
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await send({"type": "websocket.accept"})
+        send_lock = anyio.Lock()
+        closed = False
+
+        async def ws_send(obj: Any) -> None:
+            nonlocal closed
+            if closed:
+                return
+            async with send_lock:
+                try:
+                    await send({"type": "websocket.send", "text": json.dumps(obj, separators=(",", ":"))})
+                except (OSError, RuntimeError):
+                    closed = True
+
+        async def ws_close(code: int = 1000) -> None:
+            nonlocal closed
+            if closed:
+                return
+            closed = True
+            try:
+                await send({"type": "websocket.close", "code": code})
+            except (OSError, RuntimeError):
+                pass
+
+        session = self.session_of(scope)
+        token = _query_value(scope, "t")
+        resync = _query_value(scope, "resync") == "1"
+        if session.sid is None or not APP_ID_RE.match(app_id) or not token:
+            await ws_send(_GONE)
+            await ws_close(4001)
+            return
+        key = process_key(session.sid, app_id)
+        try:
+            conn = await self.pool.connect(key)
+        except ProcessGone:
+            await ws_send(_GONE)
+            await ws_close(4001)
+            return
+        pending = 0
+        try:
+            await session.reload()
+            try:
+                reply = await conn.request({"t": "subscribe", "token": token, "resync": resync, "session": dict(session)})
+            except (ProcessGone, ProtocolError):
+                reply = {"t": "gone"}
+            if reply.get("t") != "subscribed":
+                await ws_send(_GONE if reply.get("t") == "gone" else {"asgi_htag": "error", "message": reply.get("message", "")})
+                await ws_close(4001)
+                return
+            timeout_interaction = reply.get("timeout_interaction") or 0
+            if reply.get("actions"):
+                await ws_send(reply["actions"])
+            logger.debug("websocket of session %s subscribed to process %s", session.sid[:6], reply.get("pid"))
+
+            async with anyio.create_task_group() as tg:
+
+                async def from_process() -> None:
+                    nonlocal pending
+                    try:
+                        while True:
+                            frame = await conn.receive()
+                            diff = frame.get("diff")
+                            if diff:
+                                await session.apply_changes(diff.get("set") or {}, diff.get("del") or [])
+                            t = frame.get("t")
+                            if t == "actions":
+                                pending = max(0, pending - 1)
+                                await ws_send(frame.get("actions") or {})
+                            elif t == "push":
+                                await ws_send(frame.get("actions") or {})
+                            elif t in ("bye", "gone"):
+                                await ws_send(_GONE)
+                                await ws_close(4001)
+                                break
+                            elif t == "error":
+                                await ws_send({"asgi_htag": "error", "message": frame.get("message", "")})
+                    except ProcessGone:
+                        logger.warning("process of session %s died (interaction pending: %s)", session.sid[:6] if session.sid else "-", bool(pending))
+                        await ws_send(_dead_message(bool(pending), timeout_interaction))
+                        await ws_close(4002)
+                    except ProtocolError as exc:
+                        logger.error("process of session %s broke the protocol: %s", session.sid[:6] if session.sid else "-", exc)
+                        await ws_send(_dead_message(False))
+                        await ws_close(4002)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(from_process)
+                while True:
+                    message = await receive()
+                    if message["type"] == "websocket.disconnect":
+                        closed = True
+                        break
+                    if message["type"] != "websocket.receive":
+                        continue
+                    raw = message.get("text")
+                    payload: Union[str, bytes]
+                    if raw is None:
+                        payload = message.get("bytes") or b""
+                        size = len(payload)
+                    else:
+                        payload = raw
+                        size = len(raw)
+                        if size * 4 > self.max_message_bytes:
+                            size = len(raw.encode("utf-8", "surrogatepass"))
+                    if size > self.max_message_bytes:
+                        await ws_send({"asgi_htag": "error", "message": "interaction too large"})
+                        continue
+                    data, error = _parse_interaction(payload)
+                    if error:
+                        await ws_send({"asgi_htag": "error", "message": error})
+                        continue
+                    await session.reload()
+                    pending += 1
+                    try:
+                        await conn.send({"t": "interact", "token": token, "data": data, "session": dict(session)})
+                    except ProcessGone:
+                        break  # from_process reports it
+                tg.cancel_scope.cancel()
+        finally:
+            await conn.aclose()
+            await ws_close(1000)
+
+
+_GONE = {"asgi_htag": "gone", "message": "This page's instance no longer exists; reloading..."}
+
+
+def _dead_message(pending: bool, timeout: float = 0) -> Dict[str, Any]:
+    if pending:
+        limit = f" (limit: {timeout:g} s)" if timeout else ""
+        text = f"The application stopped: an interaction took too long{limit} or crashed it. Reload the page to start again."
+    else:
+        text = "The application process stopped. Reload the page to start again."
+    return {"asgi_htag": "dead", "message": text}
+
+
+def _parse_interaction(payload: Union[str, bytes]) -> Tuple[Dict[str, Any], Optional[str]]:
+    try:
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return {}, "interaction is not valid JSON"
+    if not isinstance(data, dict):
+        return {}, "interaction must be a JSON object"
+    if "id" not in data or "method" not in data:
+        return {}, "interaction needs 'id' and 'method'"
+    return data, None
+
+
+def _query_value(scope: Scope, name: str) -> Optional[str]:
+    qs = scope.get("query_string", b"").decode("latin-1")
+    values = parse_qs(qs).get(name)
+    return values[0] if values else None
+
+
+def _error_page(title: str, text: str, pre: bool = False) -> str:
+    body = f"<pre>{html.escape(text)}</pre>" if pre else f"<p>{html.escape(text)}</p>"
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>"
+        f"{html.escape(title)}</title></head><body><h1>{html.escape(title)}</h1>{body}</body></html>"
+    )
+
+
+async def _send_response(send: Send, status: int, body: bytes, content_type: str) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type.encode()),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", b"no-store"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_json(send: Send, status: int, obj: Any) -> None:
+    await _send_response(send, status, json.dumps(obj, separators=(",", ":")).encode(), "application/json")
+
+
+class HtagASGI:
+    """Serve one htag app as a raw ASGI application.
+
+    Args:
+        obj: a ``htag.Tag`` subclass, or a ``"module:Class"`` / ``"module.Class"`` string.
+        http_only: interactions over HTTP POST instead of a websocket (no ``tag.update()``).
+        debug: show Python tracebacks in the page.
+        timeout_interaction: seconds an interaction (or the instance creation) may run
+            before its process is killed; 0 disables.
+        timeout_inactivity: seconds without interaction after which a process exits; 0 = never.
+        state_dir, runtime_dir, secret, store, max_processes, max_message_bytes,
+        allowed_origins: see :class:`Engine`.
+
+    Raises:
+        ConfigurationError: at construction, for a bad app reference or bad settings.
+    """
+
+    def __init__(
+        self,
+        obj: Any,
+        *,
+        http_only: bool = False,
+        debug: bool = False,
+        timeout_interaction: float = 60,
+        timeout_inactivity: float = 0,
+        engine: Optional[Engine] = None,
+        **engine_options: Any,
+    ) -> None:
+        self.ref = app_reference(obj)
+        self.options = AppOptions(
+            http_only=http_only, debug=debug, timeout_interaction=timeout_interaction, timeout_inactivity=timeout_inactivity
+        )
+        self.engine = engine or Engine(**engine_options)
+        self._with_session: Optional[Any] = None
+
+    def __repr__(self) -> str:
+        return f"HtagASGI({self.ref!r}, {self.options})"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] not in ("http", "websocket"):
+            return
+        if isinstance(scope.get("session"), Session):
+            await self._dispatch(scope, receive, send)
+            return
+        if self._with_session is None:
+            self._with_session = self.engine.session_middleware(self._dispatch)
+        await self._with_session(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.engine.startup([self.ref])
+                except Exception as exc:
+                    logger.exception("asgi_htag start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.engine.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        rel = _relative_path(scope)
+        m = _ROUTE_RE.match(rel)
+        if m:
+            await self.engine.interaction_endpoint(scope, receive, send, m.group(1), m.group(2))
+            return
+        if scope["type"] == "http" and rel == "/" and scope.get("method") in ("GET", "HEAD"):
+            try:
+                status, page = await self.engine.render_page(scope, self.ref, self.options)
+            except Exception:
+                logger.exception("error while rendering %s", self.ref)
+                text = traceback.format_exc() if self.options.debug else "Internal server error"
+                status, page = 500, _error_page("Server error", text, pre=self.options.debug)
+            await _send_response(send, status, page.encode(), "text/html; charset=utf-8")
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await _send_response(send, 404, b"not found", "text/plain; charset=utf-8")
+
+
+__all__ = ("HtagASGI", "Engine", "AppOptions", "app_reference")

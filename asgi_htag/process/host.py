@@ -1,0 +1,359 @@
+"""The app host: what runs inside each per-session process.
+
+It owns one :class:`htag.render.HRenderer` (so one Tag tree), listens on its own Unix
+socket, and answers frames from any worker: ``render``, ``interact`` and ``subscribe``.
+``tag.update()`` becomes a ``push`` frame to every subscribed connection.
+
+Guards that live here because only this process knows the page:
+
+* an interaction may only name a (tag id, method) pair that was offered to the page
+  (recorded while htag serialized its callers), so ``__init__``, ``_private`` or ``exit``
+  never reach ``getattr``;
+* each interaction (and the instance creation) runs under a kernel timer: SIGALRM with its
+  default action kills the process when ``timeout_interaction`` is exceeded, even if the
+  app is stuck in a blocking call that never yields to the event loop;
+* the process exits by itself after ``timeout_inactivity`` seconds without interaction.
+"""
+import asyncio
+import json
+import logging
+import os
+import signal
+import traceback
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+from ..exceptions import ProtocolError
+from . import wire
+
+logger = logging.getLogger(__name__)
+
+_HEADER_SIZE = wire.HEADER_SIZE
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+# (id(tag or generator), method name) pairs the page has been offered. One HRenderer per
+# process, so one set per process.
+_offered: Set[Tuple[int, Optional[str]]] = set()
+_patched = False
+
+
+def install_offer_recorder() -> None:
+    """Wrap htag's ``BaseCaller.__str__``: every caller that htag writes into the page (an
+    ``interact({...})`` call) records which (id, method) the page may call back."""
+    global _patched
+    if _patched:
+        return
+    from htag.tag import BaseCaller
+
+    original = BaseCaller.__str__
+
+    def recording_str(self: Any) -> str:
+        _offered.add((id(self.instance), self.mname))
+        return original(self)
+
+    BaseCaller.__str__ = recording_str  # type: ignore[method-assign]
+    _patched = True
+
+
+class SyncedSession(dict):  # type: ignore[type-arg]
+    """The session dict handed to the HRenderer (and so to ``tag.state`` / ``tag.session``).
+
+    The web worker sends the store's current content with every request; the changes the
+    app makes are returned as a diff the worker applies to the store. The *same* dict
+    object lives for the whole process because htag's TagState keeps a reference to it.
+    """
+
+    def __init__(self, initial: Dict[str, Any]) -> None:
+        super().__init__(initial)
+        self._baseline: Dict[str, str] = {k: self._dump(k, v) for k, v in initial.items()}
+
+    @staticmethod
+    def _dump(key: str, value: Any) -> str:
+        try:
+            return _dumps(value)
+        except (TypeError, ValueError):
+            logger.error("session key %r holds a value that is not JSON serializable; it is not saved", key)
+            return "\x00unserializable"
+
+    def _diff(self) -> Tuple[Dict[str, Any], List[str]]:
+        changed: Dict[str, Any] = {}
+        for k, v in self.items():
+            dumped = self._dump(k, v)
+            if dumped == "\x00unserializable":
+                continue
+            if self._baseline.get(k) != dumped:
+                changed[k] = json.loads(dumped)
+        deleted = [k for k in self._baseline if k not in self]
+        return changed, deleted
+
+    def sync(self, snapshot: Dict[str, Any]) -> None:
+        """Take the store's view, keeping local changes not yet sent."""
+        changed, deleted = self._diff()
+        dict.clear(self)
+        dict.update(self, snapshot)
+        self._baseline = {k: self._dump(k, v) for k, v in snapshot.items()}
+        dict.update(self, changed)
+        for k in deleted:
+            dict.pop(self, k, None)
+
+    def take_diff(self) -> Optional[Dict[str, Any]]:
+        """The changes since the last sync/take, as ``{"set": {...}, "del": [...]}``."""
+        changed, deleted = self._diff()
+        if not changed and not deleted:
+            return None
+        for k, v in changed.items():
+            self._baseline[k] = _dumps(v)
+        for k in deleted:
+            self._baseline.pop(k, None)
+        return {"set": changed, "del": deleted}
+
+
+_DEBUG_STATICS_JS = """
+window.error=function(txt){
+  var d=document.getElementById("asgi-htag-error");
+  if(!d){d=document.createElement("div");d.id="asgi-htag-error";
+    d.setAttribute("style","z-index:2147483647;position:fixed;top:10px;left:10px;right:10px;max-height:80vh;overflow:auto;background:#c00;color:#fff;padding:8px;font:12px monospace;white-space:pre-wrap");
+    d.onclick=function(){d.remove()};document.body.appendChild(d);}
+  d.textContent=txt;
+};
+"""
+
+
+class AppHost:
+    """One htag instance and the connections that talk to it."""
+
+    def __init__(self, spec: Dict[str, Any], tag_class: type, client_js: str) -> None:
+        from htag import Tag
+        from htag.render import HRenderer
+
+        opts = spec["opts"]
+        self.key: str = spec["key"]
+        self.token: str = spec["token"]
+        self.http_only: bool = bool(opts.get("http_only"))
+        self.debug: bool = bool(opts.get("debug"))
+        self.timeout_interaction: float = float(opts.get("timeout_interaction") or 0)
+        self.timeout_inactivity: float = float(opts.get("timeout_inactivity") or 0)
+        self.max_frame_bytes: int = int(opts.get("max_frame_bytes") or wire.DEFAULT_MAX_FRAME_BYTES)
+        self.session = SyncedSession(spec.get("session") or {})
+        self.subscribers: Set[asyncio.StreamWriter] = set()
+        self.lock = asyncio.Lock()
+        self.stopping = asyncio.Event()
+        self._inactivity_handle: Optional[asyncio.TimerHandle] = None
+        self._bye_reason = "exit"
+
+        args, kargs = spec["init"]
+        statics = [Tag.script(_DEBUG_STATICS_JS)] if self.debug else []
+        self._arm_alarm()
+        try:
+            self.hr = HRenderer(
+                tag_class,
+                client_js,
+                exit_callback=self._exit_from_app,
+                init=(tuple(args), dict(kargs)),
+                fullerror=self.debug,
+                statics=statics,
+                session=self.session,
+            )
+        finally:
+            self._disarm_alarm()
+        self.hr.sendactions = self._sendactions
+
+    # --- timers -------------------------------------------------------------------------
+    def _arm_alarm(self) -> None:
+        if self.timeout_interaction > 0:
+            signal.setitimer(signal.ITIMER_REAL, self.timeout_interaction)
+
+    @staticmethod
+    def _disarm_alarm() -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def touch(self) -> None:
+        """An interaction happened: push the inactivity deadline back."""
+        if self.timeout_inactivity <= 0:
+            return
+        if self._inactivity_handle is not None:
+            self._inactivity_handle.cancel()
+        loop = asyncio.get_running_loop()
+        self._inactivity_handle = loop.call_later(self.timeout_inactivity, self._inactive)
+
+    def _inactive(self) -> None:
+        logger.info("process %s for %s exits after %ss without interaction", os.getpid(), self.key[:8], self.timeout_inactivity)
+        self._bye_reason = "inactivity"
+        self.stopping.set()
+
+    def _exit_from_app(self) -> None:
+        logger.info("process %s for %s exits: the app called exit()", os.getpid(), self.key[:8])
+        self._bye_reason = "exit"
+        self.stopping.set()
+
+    # --- pushes -------------------------------------------------------------------------
+    async def _sendactions(self, actions: Dict[str, Any]) -> bool:
+        if self.http_only or not self.subscribers:
+            return False
+        frame = {"t": "push", "actions": actions, "diff": self.session.take_diff()}
+        data = wire.encode(frame, self.max_frame_bytes)
+        delivered = False
+        for writer in list(self.subscribers):
+            try:
+                writer.write(data)
+                await writer.drain()
+                delivered = True
+            except (ConnectionError, RuntimeError):
+                self.subscribers.discard(writer)
+        return delivered
+
+    async def say_bye(self) -> None:
+        data = wire.encode({"t": "bye", "reason": self._bye_reason})
+        for writer in list(self.subscribers):
+            try:
+                writer.write(data)
+                await writer.drain()
+            except (ConnectionError, RuntimeError):
+                pass
+
+    # --- requests -----------------------------------------------------------------------
+    def _check_offered(self, data: Dict[str, Any]) -> Optional[str]:
+        oid = data.get("id")
+        method = data.get("method")
+        if not isinstance(oid, int) or isinstance(oid, bool):
+            return "interaction refused: 'id' must be an integer"
+        if method is not None and not isinstance(method, str):
+            return "interaction refused: 'method' must be a string or null"
+        if not isinstance(data.get("args", []), list) or not isinstance(data.get("kargs", {}), dict):
+            return "interaction refused: 'args' must be a list and 'kargs' an object"
+        event = data.get("event")
+        if event is not None and not isinstance(event, dict):
+            return "interaction refused: 'event' must be an object"
+        if (oid, method) not in _offered:
+            return f"interaction refused: the page offers no method {method!r} on element {oid}"
+        if method in ("__on__", "__on_event__"):
+            args = data.get("args") or []
+            from htag import Tag
+
+            obj = Tag.find_tag(oid)
+            if obj is None or not args or not isinstance(args[0], str) or args[0] not in obj._callbacks_:
+                return "interaction refused: unknown callback"
+        elif method is not None and method.startswith("_"):
+            return f"interaction refused: {method!r} is private"
+        return None
+
+    async def render(self, frame: Dict[str, Any]) -> Dict[str, Any]:
+        async with self.lock:
+            self.session.sync(frame.get("session") or {})
+            self.touch()
+            _offered.clear()  # a full render re-offers everything the page now holds
+            html = str(self.hr)
+            return {"t": "html", "html": html, "diff": self.session.take_diff()}
+
+    async def interact(self, frame: Dict[str, Any]) -> Dict[str, Any]:
+        data = frame.get("data")
+        if not isinstance(data, dict):
+            return {"t": "actions", "actions": {"err": "interaction refused: malformed payload"}, "diff": None}
+        refusal = self._check_offered(data)
+        if refusal:
+            logger.warning("process %s: %s", os.getpid(), refusal)
+            return {"t": "actions", "actions": {"err": refusal}, "diff": None}
+        async with self.lock:
+            self.session.sync(frame.get("session") or {})
+            self.touch()
+            self._arm_alarm()
+            try:
+                actions = await self.hr.interact(
+                    data["id"], data.get("method"), data.get("args") or [], data.get("kargs") or {}, data.get("event")
+                )
+            finally:
+                self._disarm_alarm()
+            return {"t": "actions", "actions": actions, "diff": self.session.take_diff()}
+
+    def resync_actions(self) -> Dict[str, Any]:
+        """Actions that redraw the whole body: sent to a page that reconnects, so that the
+        pushes it missed while disconnected are not lost."""
+        return self.hr._mkReponse([self.hr.tag])
+
+    async def handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    header = await reader.readexactly(_HEADER_SIZE)
+                    length = wire.decode_length(header, self.max_frame_bytes)
+                    frame = wire.decode_payload(await reader.readexactly(length))
+                except asyncio.IncompleteReadError:
+                    return
+                except ProtocolError as exc:
+                    logger.warning("process %s: dropping a connection that broke the protocol: %s", os.getpid(), exc)
+                    return
+                reply = await self._dispatch(frame, writer)
+                if reply is not None:
+                    writer.write(wire.encode(reply, self.max_frame_bytes))
+                    await writer.drain()
+        except (ConnectionError, OSError):
+            return
+        except asyncio.CancelledError:
+            return  # the process is stopping; nothing is waiting for this task's result
+        finally:
+            self.subscribers.discard(writer)
+            writer.close()
+
+    async def _dispatch(self, frame: Dict[str, Any], writer: asyncio.StreamWriter) -> Optional[Dict[str, Any]]:
+        t = frame.get("t")
+        if frame.get("token") != self.token:
+            return {"t": "gone"}
+        try:
+            if t == "interact":
+                return await self.interact(frame)
+            if t == "render":
+                return await self.render(frame)
+            if t == "subscribe":
+                if self.http_only:
+                    return {"t": "error", "message": "this app is served in http_only mode"}
+                self.subscribers.add(writer)
+                actions = None
+                if frame.get("resync"):
+                    async with self.lock:
+                        self.session.sync(frame.get("session") or {})
+                        actions = self.resync_actions()
+                return {
+                    "t": "subscribed",
+                    "actions": actions,
+                    "timeout_interaction": self.timeout_interaction,
+                    "pid": os.getpid(),
+                }
+            if t == "ping":
+                return {"t": "pong", "pid": os.getpid()}
+            return {"t": "error", "message": f"unknown frame type {t!r}"}
+        except Exception as exc:  # the app's bug must not take the process down
+            logger.exception("process %s: error while handling %r", os.getpid(), t)
+            msg = traceback.format_exc() if self.debug else str(exc)
+            return {"t": "actions", "actions": {"err": msg}, "diff": None}
+
+
+async def serve(spec: Dict[str, Any], tag_class: type, client_js: str, ready_fd: int) -> None:
+    """Create the instance, listen on ``spec["sock_path"]``, report READY on ``ready_fd``,
+    and serve until inactivity, ``exit()`` or SIGTERM."""
+    install_offer_recorder()
+    host = AppHost(spec, tag_class, client_js)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, host.stopping.set)
+
+    path = spec["sock_path"]
+    tmp = f"{path}.{os.getpid()}.t"
+    server = await asyncio.start_unix_server(host.handle_connection, path=tmp, limit=2**16)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)  # atomic: a worker never connects to a half-made socket
+    os.write(ready_fd, (json.dumps({"ok": True, "pid": os.getpid()}) + "\n").encode())
+    os.close(ready_fd)
+    inode = os.stat(path).st_ino
+    host.touch()
+    try:
+        await host.stopping.wait()
+        await host.say_bye()
+    finally:
+        server.close()
+        try:
+            # unlink only our own socket: a replacement process may already own the name
+            if os.stat(path).st_ino == inode:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+__all__ = ("AppHost", "SyncedSession", "serve", "install_offer_recorder")

@@ -1,0 +1,325 @@
+"""The worker side of the process world: find (or have the zygote fork) the process of a
+(session, app), and talk to it over persistent Unix-socket connections.
+
+Nothing here forks: processes are forked by the zygote, which this module starts when no
+zygote answers for the runtime directory. Waits are bounded (``anyio.fail_after``) and a
+connection that breaks the protocol is closed and dropped.
+"""
+import json
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import anyio
+from anyio.abc import SocketStream
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from ..exceptions import PoolFull, ProcessGone, ProcessStartError, ProtocolError
+from . import wire
+
+logger = logging.getLogger(__name__)
+
+_STREAM_ERRORS = (
+    anyio.EndOfStream,
+    anyio.IncompleteRead,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    OSError,
+)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """What every worker of one server must agree on (the zygote is shared)."""
+
+    runtime_dir: Path
+    max_processes: int = 1000
+    grace_seconds: float = 5.0
+    start_timeout_seconds: float = 60.0
+    max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES
+    log_level: str = "WARNING"
+    apps: Tuple[str, ...] = field(default=())
+
+
+class ChildConnection:
+    """One persistent connection to a per-session process."""
+
+    __slots__ = ("key", "_stream", "_rx", "_max", "broken")
+
+    def __init__(self, key: str, stream: SocketStream, max_frame_bytes: int) -> None:
+        self.key = key
+        self._stream = stream
+        self._rx = BufferedByteReceiveStream(stream)
+        self._max = max_frame_bytes
+        self.broken = False
+
+    async def send(self, obj: Dict[str, Any]) -> None:
+        """Raises ProcessGone if the process is not there any more."""
+        data = wire.encode(obj, self._max)
+        try:
+            await self._stream.send(data)
+        except _STREAM_ERRORS as exc:
+            self.broken = True
+            raise ProcessGone("the app process closed the connection") from exc
+
+    async def receive(self) -> Dict[str, Any]:
+        """The next frame. Raises ProcessGone on EOF, ProtocolError on a bad frame."""
+        try:
+            header = await self._rx.receive_exactly(wire.HEADER_SIZE)
+            length = wire.decode_length(header, self._max)
+            payload = await self._rx.receive_exactly(length)
+        except _STREAM_ERRORS as exc:
+            self.broken = True
+            raise ProcessGone("the app process closed the connection") from exc
+        except ProtocolError:
+            self.broken = True
+            raise
+        try:
+            return wire.decode_payload(payload)
+        except ProtocolError:
+            self.broken = True
+            raise
+
+    async def request(self, obj: Dict[str, Any]) -> Dict[str, Any]:
+        await self.send(obj)
+        return await self.receive()
+
+    async def aclose(self) -> None:
+        self.broken = True
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._stream.aclose()
+            except _STREAM_ERRORS:
+                pass
+
+
+class ProcessPool:
+    """Per web worker: reaches the zygote and the per-session processes of one runtime dir."""
+
+    def __init__(self, config: PoolConfig, *, main_path: Optional[str] = None) -> None:
+        self.config = config
+        self.main_path = main_path
+        self._runtime = str(config.runtime_dir)
+        self._presence: Optional[SocketStream] = None
+        self._presence_pid = 0
+        self._lock: Optional[anyio.Lock] = None
+        self._idle: Dict[str, List[ChildConnection]] = {}
+        self._idle_count = 0
+        self.max_idle_total = 512
+        self._apps = set(config.apps)
+
+    def socket_path(self, key: str) -> str:
+        return os.path.join(self._runtime, key + ".s")
+
+    # --- zygote -----------------------------------------------------------------------
+    async def _zygote_connect(self) -> SocketStream:
+        return await anyio.connect_unix(os.path.join(self._runtime, "zygote.s"))
+
+    async def ensure_zygote(self) -> None:
+        """Make sure a zygote serves our runtime dir and that we hold a presence connection
+        to it (the zygote lives while some worker holds one)."""
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        async with self._lock:
+            if self._presence is not None and await self._presence_alive():
+                return
+            self._presence = None
+            try:
+                stream = await self._zygote_connect()
+            except OSError:
+                await self._start_zygote()
+                stream = await self._zygote_connect()
+            rx = BufferedByteReceiveStream(stream)
+            with anyio.fail_after(10):
+                await stream.send(wire.encode({"op": "hello"}))
+                header = await rx.receive_exactly(wire.HEADER_SIZE)
+                reply = wire.decode_payload(await rx.receive_exactly(wire.decode_length(header)))
+            self._presence = stream
+            self._presence_pid = int(reply.get("pid", 0))
+            if self._apps:
+                await self._preload(sorted(self._apps))
+
+    async def _presence_alive(self) -> bool:
+        assert self._presence is not None
+        # The zygote never writes on a presence connection after the hello reply, so a
+        # readable socket means EOF: the zygote is gone.
+        fd = self._presence.extra(anyio.abc.SocketAttribute.raw_socket).fileno()
+        readable, _, _ = select.select([fd], [], [], 0)
+        if readable:
+            await self._presence.aclose()
+            return False
+        return True
+
+    async def _start_zygote(self) -> None:
+        cfg = {
+            "runtime_dir": self._runtime,
+            "max_processes": self.config.max_processes,
+            "grace_seconds": self.config.grace_seconds,
+            "start_timeout_seconds": self.config.start_timeout_seconds,
+            "log_level": self.config.log_level,
+            "sys_path": [p or os.getcwd() for p in sys.path],
+            "main_path": self.main_path,
+            "apps": sorted(self._apps),
+        }
+        timeout = 60.0
+        logger.info("starting the fork server for %s", self._runtime)
+        line = await anyio.to_thread.run_sync(_spawn_zygote, json.dumps(cfg), timeout)
+        if not (line.startswith("READY") or line == "EXISTS"):
+            raise ProcessStartError(f"the fork server did not start: {line or 'no answer'}")
+
+    async def _preload(self, apps: List[str]) -> None:
+        reply = await self._zygote_call({"op": "preload", "apps": apps}, timeout=60)
+        for ref, err in (reply.get("errors") or {}).items():
+            logger.error("the fork server cannot load %s: %s", ref, err)
+
+    def register_app(self, ref: str) -> None:
+        self._apps.add(ref)
+
+    async def zygote_request(self, msg: Dict[str, Any], *, timeout: float = 10.0) -> Dict[str, Any]:
+        """One request/reply with the zygote on a fresh connection (starting it if needed)."""
+        await self.ensure_zygote()
+        try:
+            return await self._zygote_call(msg, timeout=timeout)
+        except ProcessStartError:
+            # the zygote went away between our check and the call: start another, once
+            self._presence = None
+            await self.ensure_zygote()
+            return await self._zygote_call(msg, timeout=timeout)
+
+    async def _zygote_call(self, msg: Dict[str, Any], *, timeout: float) -> Dict[str, Any]:
+        with anyio.fail_after(timeout):
+            try:
+                stream = await self._zygote_connect()
+            except OSError as exc:
+                raise ProcessStartError("the fork server is not running") from exc
+            conn = ChildConnection("zygote", stream, wire.DEFAULT_MAX_FRAME_BYTES)
+            try:
+                return await conn.request(msg)
+            except ProcessGone as exc:
+                raise ProcessStartError("the fork server closed the connection") from exc
+            finally:
+                await conn.aclose()
+
+    async def spawn(
+        self,
+        key: str,
+        app_ref: str,
+        init: Any,
+        session: Dict[str, Any],
+        opts: Dict[str, Any],
+    ) -> Dict[str, Any]:
+        """The live process of ``key`` built from ``init`` (forked if absent or built from
+        other query params). Returns ``{"pid", "token", "created"}``.
+
+        Raises:
+            PoolFull: the host runs ``max_processes`` already.
+            ProcessStartError: the app could not be started (crash, import error, timeout).
+        """
+        msg = {"op": "spawn", "key": key, "app": app_ref, "init": init, "session": session, "opts": opts}
+        reply = await self.zygote_request(msg, timeout=self.config.start_timeout_seconds + 10)
+        if reply.get("error") == "stale":
+            self._presence = None
+            reply = await self.zygote_request(msg, timeout=self.config.start_timeout_seconds + 10)
+        if reply.get("ok"):
+            return reply
+        if reply.get("error") == "full":
+            raise PoolFull(reply.get("message", "too many processes"))
+        err = ProcessStartError(reply.get("message") or "the app process could not start")
+        err.kind = reply.get("error", "crash")  # type: ignore[attr-defined]
+        raise err
+
+    async def kill(self, key: str, pid: Optional[int] = None) -> None:
+        await self.zygote_request({"op": "kill", "key": key, "pid": pid})
+
+    async def stats(self) -> Dict[str, Any]:
+        return await self.zygote_request({"op": "stats"})
+
+    # --- per-session processes --------------------------------------------------------
+    async def connect(self, key: str) -> ChildConnection:
+        """A new dedicated connection (for a websocket). Raises ProcessGone."""
+        try:
+            with anyio.fail_after(10):
+                stream = await anyio.connect_unix(self.socket_path(key))
+        except (OSError, TimeoutError) as exc:
+            raise ProcessGone(f"no process for {key[:8]}") from exc
+        return ChildConnection(key, stream, self.config.max_frame_bytes)
+
+    async def acquire(self, key: str) -> ChildConnection:
+        """A pooled connection (for http requests); give it back with :meth:`release`."""
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            self._idle_count -= 1
+            if not idle:
+                del self._idle[key]
+            if not conn.broken:
+                return conn
+            await conn.aclose()
+        return await self.connect(key)
+
+    async def release(self, conn: ChildConnection) -> None:
+        if conn.broken or self._idle_count >= self.max_idle_total or len(self._idle.get(conn.key, ())) >= 4:
+            await conn.aclose()
+            return
+        self._idle.setdefault(conn.key, []).append(conn)
+        self._idle_count += 1
+
+    async def drop_idle(self, key: str) -> None:
+        for conn in self._idle.pop(key, []):
+            self._idle_count -= 1
+            await conn.aclose()
+
+    async def aclose(self) -> None:
+        """Close our connections; the zygote notices our presence is gone."""
+        for key in list(self._idle):
+            await self.drop_idle(key)
+        if self._presence is not None:
+            await self._presence.aclose()
+            self._presence = None
+
+
+def _spawn_zygote(cfg_json: str, timeout: float) -> str:
+    """Start a zygote and return its first line (READY/EXISTS). Runs in a worker thread:
+    it blocks, but with a deadline on every wait."""
+    env = dict(os.environ)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asgi_htag.process.zygote", cfg_json],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        close_fds=True,
+        start_new_session=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    buf = b""
+    try:
+        while b"\n" not in buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            readable, _, _ = select.select([fd], [], [], remaining)
+            if not readable:
+                break
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        proc.stdout.close()
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))  # the detaching intermediate
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return buf.decode(errors="replace").strip()
+
+
+__all__ = ("PoolConfig", "ProcessPool", "ChildConnection")

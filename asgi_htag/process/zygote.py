@@ -1,0 +1,615 @@
+"""The fork server ("zygote"): one per runtime directory, shared by every web worker.
+
+It is started as a fresh interpreter (``python -m asgi_htag.process.zygote CONFIG``) so it
+holds no copy of any client socket, imports htag and the apps once, and then forks one
+child per (session, app). A child costs a fork, not an interpreter start, and no web
+worker's event loop ever blocks on it.
+
+Single-threaded and synchronous on purpose (``selectors``): a fork from here is clean,
+and a child starts its own fresh asyncio loop.
+
+Lifetime: it lives while at least one web worker holds a *presence* connection, and exits
+``grace_seconds`` after the last one went away, terminating every child it started. It
+never touches a process it did not start. A second zygote started for the same runtime
+directory sees the lifetime lock taken and reports ``EXISTS``.
+"""
+import ctypes
+import errno
+import fcntl
+import gc
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import resource
+import secrets
+import selectors
+import signal
+import socket
+import sys
+import time
+import traceback
+from typing import Any, Dict, List, Optional
+
+from ..exceptions import ProtocolError
+from . import wire
+
+logger = logging.getLogger("asgi_htag.process.zygote")
+
+KEY_RE = re.compile(r"^[0-9a-f]{20}$")
+CONTROL_MAX_FRAME_BYTES = 4 * 1024 * 1024
+MAIN_MODULE = "__asgi_htag_main__"
+_PR_SET_PDEATHSIG = 1
+
+
+def socket_path(runtime_dir: str, key: str) -> str:
+    return os.path.join(runtime_dir, key + ".s")
+
+
+def load_app(ref: str, main_path: Optional[str]) -> type:
+    """Import ``"module:Qual.Name"``; ``__main__`` means the server's main script."""
+    from htag import Tag
+
+    module_name, _, qualname = ref.partition(":")
+    if module_name == "__main__":
+        module = sys.modules.get(MAIN_MODULE)
+        if module is None:
+            if not main_path:
+                raise ImportError(f"{ref}: the app lives in __main__ but the main script's path is unknown")
+            spec = importlib.util.spec_from_file_location(MAIN_MODULE, main_path)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot load {main_path}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[MAIN_MODULE] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[MAIN_MODULE]
+                raise
+    else:
+        module = importlib.import_module(module_name)
+    obj: Any = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, Tag)):
+        raise TypeError(f"{ref} is not an htag Tag subclass")
+    return obj
+
+
+class Child:
+    __slots__ = ("key", "pid", "pidfd", "token", "init", "ready", "ready_fd", "waiters", "deadline", "buf")
+
+    def __init__(self, key: str, pid: int, pidfd: int, token: str, init: str, ready_fd: int, deadline: float) -> None:
+        self.key = key
+        self.pid = pid
+        self.pidfd = pidfd
+        self.token = token
+        self.init = init
+        self.ready = False
+        self.ready_fd: Optional[int] = ready_fd
+        self.waiters: List[socket.socket] = []
+        self.deadline = deadline
+        self.buf = b""
+
+
+class Zygote:
+    def __init__(self, cfg: Dict[str, Any]) -> None:
+        self.runtime_dir: str = cfg["runtime_dir"]
+        self.max_processes: int = int(cfg.get("max_processes", 1000))
+        self.grace: float = float(cfg.get("grace_seconds", 5.0))
+        self.start_timeout: float = float(cfg.get("start_timeout_seconds", 60.0))
+        self.main_path: Optional[str] = cfg.get("main_path")
+        self.sel = selectors.DefaultSelector()
+        self.children: Dict[str, Child] = {}  # live or starting, by key
+        self.by_pidfd: Dict[int, Child] = {}  # every child not yet reaped (incl. replaced ones)
+        self.by_ready_fd: Dict[int, Child] = {}
+        self.conns: Dict[int, wire.FrameBuffer] = {}
+        self.sockets: Dict[int, socket.socket] = {}
+        self.presence: set = set()
+        self.idle_since: Optional[float] = time.monotonic()
+        self.stop = False
+        self.apps: Dict[str, type] = {}
+        self.stamps: Dict[str, Any] = {}
+        self.client_js = ""
+        self.listener: Optional[socket.socket] = None
+        self.sock_inode = -1
+        self.lock_files: List[Any] = []
+        self.wake_r, self.wake_w = os.pipe()
+
+    # --- start-up ---------------------------------------------------------------------
+    def acquire(self) -> bool:
+        """Take the lifetime lock; False if another zygote already serves this directory."""
+        start = open(os.path.join(self.runtime_dir, "zygote.start.lock"), "a+")
+        fcntl.flock(start, fcntl.LOCK_EX)  # blocks while another zygote is starting
+        life = open(os.path.join(self.runtime_dir, "zygote.life.lock"), "a+")
+        try:
+            fcntl.flock(life, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            life.close()
+            start.close()
+            return False
+        self.lock_files = [start, life]
+        return True
+
+    def listen(self) -> None:
+        path = os.path.join(self.runtime_dir, "zygote.s")
+        tmp = f"{path}.{os.getpid()}.t"
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(tmp)
+        os.chmod(tmp, 0o600)
+        sock.listen(512)
+        os.replace(tmp, path)
+        self.sock_inode = os.stat(path).st_ino
+        sock.setblocking(False)
+        self.listener = sock
+        self.sel.register(sock, selectors.EVENT_READ, "listen")
+        os.set_blocking(self.wake_w, False)
+        signal.set_wakeup_fd(self.wake_w)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # release the start lock: waiting zygotes now see us listening and give up
+        fcntl.flock(self.lock_files[0], fcntl.LOCK_UN)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stop = True
+
+    # --- the loop ---------------------------------------------------------------------
+    def run(self) -> None:
+        while not self.stop:
+            now = time.monotonic()
+            timeout: Optional[float] = None
+            if not self.presence and self.idle_since is not None:
+                timeout = max(0.0, self.idle_since + self.grace - now)
+            for child in self.children.values():
+                if not child.ready:
+                    t = max(0.0, child.deadline - now)
+                    timeout = t if timeout is None else min(timeout, t)
+            for key, _events in self.sel.select(timeout):
+                tag = key.data
+                if tag == "listen":
+                    self._accept()
+                elif tag == "wake":
+                    os.read(self.wake_r, 512)
+                elif tag == "conn":
+                    self._on_conn(key.fileobj)  # type: ignore[arg-type]
+                elif tag == "pidfd":
+                    self._on_exit(key.fd)
+                elif tag == "ready":
+                    self._on_ready(key.fd)
+            now = time.monotonic()
+            for child in list(self.children.values()):
+                if not child.ready and now >= child.deadline:
+                    logger.warning("process %s for %s did not start within %ss: killed", child.pid, child.key[:8], self.start_timeout)
+                    self._kill(child, signal.SIGKILL)
+            if not self.presence and self.idle_since is not None and now - self.idle_since >= self.grace:
+                logger.info("no web worker left for %ss: stopping %d processes", self.grace, len(self.by_pidfd))
+                break
+        self.shutdown()
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            conn.settimeout(5.0)
+            self.conns[conn.fileno()] = wire.FrameBuffer(CONTROL_MAX_FRAME_BYTES)
+            self.sockets[conn.fileno()] = conn
+            self.sel.register(conn, selectors.EVENT_READ, "conn")
+
+    def _close_conn(self, conn: socket.socket) -> None:
+        fd = conn.fileno()
+        if fd < 0:
+            return
+        self.sel.unregister(conn)
+        self.conns.pop(fd, None)
+        self.sockets.pop(fd, None)
+        if conn in self.presence:
+            self.presence.discard(conn)
+            if not self.presence:
+                self.idle_since = time.monotonic()
+        for child in self.children.values():
+            if conn in child.waiters:
+                child.waiters.remove(conn)
+        conn.close()
+
+    def _on_conn(self, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(65536)
+        except (ConnectionError, OSError):
+            data = b""
+        if not data:
+            self._close_conn(conn)
+            return
+        buf = self.conns[conn.fileno()]
+        buf.feed(data)
+        while True:
+            try:
+                msg = buf.next_frame()
+            except ProtocolError as exc:
+                logger.warning("dropping a control connection that broke the protocol: %s", exc)
+                self._close_conn(conn)
+                return
+            if msg is None:
+                return
+            try:
+                self._handle(conn, msg)
+            except (ConnectionError, OSError, socket.timeout):
+                self._close_conn(conn)
+                return
+            if conn.fileno() < 0:
+                return
+
+    def _reply(self, conn: socket.socket, obj: Dict[str, Any]) -> None:
+        try:
+            conn.sendall(wire.encode(obj, CONTROL_MAX_FRAME_BYTES))
+        except (ConnectionError, OSError, socket.timeout):
+            self._close_conn(conn)
+
+    def _handle(self, conn: socket.socket, msg: Dict[str, Any]) -> None:
+        op = msg.get("op")
+        if op == "hello":
+            self.presence.add(conn)
+            self.idle_since = None
+            self._reply(conn, {"ok": True, "pid": os.getpid()})
+        elif op == "spawn":
+            self._spawn(conn, msg)
+        elif op == "kill":
+            child = self.children.get(str(msg.get("key")))
+            if child is not None and (msg.get("pid") in (None, child.pid)):
+                self._kill(child, signal.SIGKILL)
+            self._reply(conn, {"ok": True})
+        elif op == "preload":
+            errors = {}
+            for ref in msg.get("apps") or []:
+                try:
+                    self._app(str(ref))
+                except Exception as exc:  # reported to the worker, which logs it
+                    errors[str(ref)] = f"{type(exc).__name__}: {exc}"
+            self._reply(conn, {"ok": not errors, "errors": errors})
+        elif op == "stats":
+            self._reply(
+                conn,
+                {
+                    "ok": True,
+                    "pid": os.getpid(),
+                    "count": len(self.children),
+                    "pids": sorted(c.pid for c in self.by_pidfd.values()),
+                    "presence": len(self.presence),
+                },
+            )
+        elif op == "shutdown":
+            self._reply(conn, {"ok": True})
+            self.stop = True
+        else:
+            self._reply(conn, {"ok": False, "error": "protocol", "message": f"unknown op {op!r}"})
+
+    def _app(self, ref: str) -> type:
+        cls = self.apps.get(ref)
+        if cls is None:
+            cls = load_app(ref, self.main_path)
+            self.apps[ref] = cls
+            module = sys.modules.get(cls.__module__)
+            for path in (getattr(module, "__file__", None), self.main_path):
+                if path and path not in self.stamps:
+                    self.stamps[path] = _stamp(path)
+        return cls
+
+    def _code_changed(self) -> bool:
+        """True if a file we imported an app from changed since: our copy is stale."""
+        return any(_stamp(path) != stamp for path, stamp in self.stamps.items())
+
+    # --- children ---------------------------------------------------------------------
+    def _spawn(self, conn: socket.socket, msg: Dict[str, Any]) -> None:
+        key = msg.get("key")
+        if not isinstance(key, str) or not KEY_RE.match(key):
+            self._reply(conn, {"ok": False, "error": "protocol", "message": "bad key"})
+            return
+        if self._code_changed():
+            # The app's code changed on disk (a deploy, an edit): stop everything we run,
+            # free our name and locks, and let the worker start a fresh zygote.
+            logger.warning("app code changed on disk: this fork server stops so a fresh one loads it")
+            self.stop = True
+            self._retire()
+            self._reply(conn, {"ok": False, "error": "stale", "message": "app code changed; restarting the fork server"})
+            return
+        init = json.dumps(msg.get("init"), sort_keys=True)
+        existing = self.children.get(key)
+        if existing is not None and existing.init == init and not msg.get("replace"):
+            if existing.ready:
+                self._reply(conn, {"ok": True, "pid": existing.pid, "token": existing.token, "created": False})
+            else:
+                existing.waiters.append(conn)
+            return
+        waiters: List[socket.socket] = []
+        if existing is not None:
+            waiters = existing.waiters
+            existing.waiters = []
+            self._kill(existing, signal.SIGKILL)
+        if len(self.children) >= self.max_processes:
+            for w in [conn] + waiters:
+                self._reply(w, {"ok": False, "error": "full", "message": f"{self.max_processes} processes already run"})
+            return
+        try:
+            cls = self._app(str(msg.get("app")))
+        except Exception as exc:
+            logger.error("cannot load app %r: %s", msg.get("app"), exc)
+            for w in [conn] + waiters:
+                self._reply(w, {"ok": False, "error": "import", "message": f"cannot load the app: {exc}"})
+            return
+        token = secrets.token_urlsafe(18)
+        spec = {
+            "key": key,
+            "token": token,
+            "init": msg.get("init") or [[], {}],
+            "session": msg.get("session") or {},
+            "opts": msg.get("opts") or {},
+            "sock_path": socket_path(self.runtime_dir, key),
+        }
+        ready_r, ready_w = os.pipe()
+        gc.collect()
+        gc.freeze()  # keep the GC from touching (and so copying) the parent's pages in children
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 1
+            try:
+                os.close(ready_r)
+                self._forget_in_child()
+                _child_main(spec, cls, self.client_js, ready_w)
+                code = 0
+            except BaseException:
+                try:
+                    err = {"ok": False, "error": "crash", "message": traceback.format_exc(limit=20)}
+                    os.write(ready_w, (json.dumps(err) + "\n").encode())
+                except OSError:
+                    pass
+            finally:
+                os._exit(code)
+        os.close(ready_w)
+        pidfd = os.pidfd_open(pid)
+        child = Child(key, pid, pidfd, token, init, ready_r, time.monotonic() + self.start_timeout)
+        child.waiters = [conn] + waiters
+        self.children[key] = child
+        self.by_pidfd[pidfd] = child
+        self.by_ready_fd[ready_r] = child
+        self.sel.register(pidfd, selectors.EVENT_READ, "pidfd")
+        self.sel.register(ready_r, selectors.EVENT_READ, "ready")
+        logger.debug("forked process %s for %s", pid, key[:8])
+
+    def _forget_in_child(self) -> None:
+        """In a fresh child: close (cleanly, through their Python objects) every descriptor
+        of the zygote, so nothing of it leaks into the app process."""
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        try:
+            self.sel.close()
+        except OSError:
+            pass
+        if self.listener is not None:
+            self.listener.close()
+        for conn in list(self.sockets.values()):
+            conn.close()
+        for fd in list(self.by_pidfd) + list(self.by_ready_fd) + [self.wake_r, self.wake_w]:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        for f in self.lock_files:
+            f.close()
+        gc.unfreeze()
+
+    def _on_ready(self, fd: int) -> None:
+        child = self.by_ready_fd.get(fd)
+        if child is None:
+            return
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            data = b""
+        child.buf += data
+        if data and not child.buf.endswith(b"\n"):
+            return
+        self._drop_ready_fd(child)
+        if not child.buf:
+            return  # died before saying anything: the pidfd tells how
+        try:
+            msg = json.loads(child.buf)
+        except ValueError:
+            msg = {"ok": False, "error": "crash", "message": "garbled start-up report"}
+        if msg.get("ok"):
+            child.ready = True
+            reply = {"ok": True, "pid": child.pid, "token": child.token, "created": True}
+            logger.debug("process %s for %s is ready", child.pid, child.key[:8])
+        else:
+            reply = msg
+            logger.error("process %s for %s failed to start: %s", child.pid, child.key[:8], msg.get("message"))
+        for w in child.waiters:
+            self._reply(w, reply)
+        child.waiters = []
+
+    def _drop_ready_fd(self, child: Child) -> None:
+        if child.ready_fd is not None:
+            self.sel.unregister(child.ready_fd)
+            self.by_ready_fd.pop(child.ready_fd, None)
+            os.close(child.ready_fd)
+            child.ready_fd = None
+
+    def _on_exit(self, pidfd: int) -> None:
+        child = self.by_pidfd.pop(pidfd, None)
+        self.sel.unregister(pidfd)
+        os.close(pidfd)
+        if child is None:
+            return
+        try:
+            _, status = os.waitpid(child.pid, 0)
+        except ChildProcessError:
+            status = 0
+        self._drop_ready_fd(child)
+        signaled = os.WIFSIGNALED(status)
+        sig = os.WTERMSIG(status) if signaled else 0
+        logger.info("process %s for %s ended (%s)", child.pid, child.key[:8], f"signal {sig}" if signaled else f"exit {os.WEXITSTATUS(status)}")
+        if self.children.get(child.key) is child:
+            del self.children[child.key]
+            try:
+                os.unlink(socket_path(self.runtime_dir, child.key))
+            except FileNotFoundError:
+                pass
+        if child.waiters:
+            if sig == signal.SIGALRM:
+                reply = {"ok": False, "error": "timeout", "message": "the app took too long to start"}
+            else:
+                reply = {"ok": False, "error": "crash", "message": "the app process died while starting"}
+            for w in child.waiters:
+                self._reply(w, reply)
+            child.waiters = []
+
+    def _kill(self, child: Child, sig: int) -> None:
+        if self.children.get(child.key) is child:
+            del self.children[child.key]
+        try:
+            signal.pidfd_send_signal(child.pidfd, sig)
+        except (ProcessLookupError, OSError):
+            pass
+
+    def _retire(self) -> None:
+        """Stop children, unlink our socket and release our locks, now."""
+        self.shutdown()
+        for f in self.lock_files:
+            f.close()
+        self.lock_files = []
+
+    def shutdown(self) -> None:
+        """Terminate every child we started, wait a bounded time, then kill the rest."""
+        pending = dict(self.by_pidfd)
+        for child in pending.values():
+            try:
+                signal.pidfd_send_signal(child.pidfd, signal.SIGTERM)
+            except (ProcessLookupError, OSError):
+                pass
+        deadline = time.monotonic() + 3.0
+        while self.by_pidfd and time.monotonic() < deadline:
+            for key, _ in self.sel.select(max(0.0, deadline - time.monotonic())):
+                if key.data == "pidfd":
+                    self._on_exit(key.fd)
+                elif key.data == "ready":
+                    self._on_ready(key.fd)
+        for child in list(self.by_pidfd.values()):
+            try:
+                signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
+            except (ProcessLookupError, OSError):
+                pass
+            self._on_exit(child.pidfd)
+        path = os.path.join(self.runtime_dir, "zygote.s")
+        try:
+            if self.listener is not None and os.stat(path).st_ino == self.sock_inode:
+                os.unlink(path)
+        except OSError:
+            pass
+        if self.listener is not None:
+            try:
+                self.sel.unregister(self.listener)
+            except (KeyError, ValueError):
+                pass
+            self.listener.close()
+            self.listener = None
+        logger.info("zygote %s stopped", os.getpid())
+
+
+def _stamp(path: str) -> Any:
+    try:
+        st = os.stat(path)
+        return [st.st_mtime_ns, st.st_size]
+    except OSError:
+        return None
+
+
+def _child_main(spec: Dict[str, Any], cls: type, client_js: str, ready_fd: int) -> None:  # pragma: no cover
+    """Body of a forked per-session process."""
+    import asyncio
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    from .host import serve
+
+    asyncio.set_event_loop_policy(None)
+    asyncio.run(serve(spec, cls, client_js, ready_fd))
+
+
+def _configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s asgi_htag[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    for name in ("asgi_htag", "htag"):
+        lg = logging.getLogger(name)
+        lg.addHandler(handler)
+        lg.propagate = False
+    logging.getLogger("asgi_htag").setLevel(level)
+    logging.getLogger("htag").setLevel(max(logging.WARNING, logging.getLevelName(level) if isinstance(logging.getLevelName(level), int) else logging.WARNING))
+
+
+def main(argv: List[str]) -> int:
+    cfg = json.loads(argv[1])
+    # Detach: the intermediate exits at once (the worker waits for it), so the zygote is
+    # nobody's child and a worker's death or exit never touches it.
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    _configure_logging(cfg.get("log_level", "WARNING"))
+    for p in reversed(cfg.get("sys_path") or []):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    zygote = Zygote(cfg)
+    if not zygote.acquire():
+        sys.stdout.write("EXISTS\n")
+        sys.stdout.flush()
+        return 0
+    # preload what every child needs, once
+    import asyncio  # noqa: F401
+    import htag.render  # noqa: F401
+
+    from . import host
+
+    host.install_offer_recorder()
+    from importlib import resources
+
+    zygote.client_js = resources.files("asgi_htag").joinpath("static/client.js").read_text("utf-8")
+    for ref in cfg.get("apps") or []:
+        try:
+            zygote._app(ref)
+        except Exception:
+            logger.exception("cannot preload app %r", ref)
+    zygote.listen()
+    sys.stdout.write(f"READY {os.getpid()}\n")
+    sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)  # a user's print() goes to the server's stderr, never into a protocol
+    os.close(devnull)
+    try:
+        zygote.run()
+    except BaseException:
+        logger.exception("zygote crashed")
+        zygote.shutdown()
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

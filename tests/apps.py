@@ -1,0 +1,114 @@
+"""htag apps used by the tests (module level, so per-session processes can import them)."""
+import asyncio
+import os
+import time
+
+from htag import Tag
+
+
+class Counter(Tag.body):
+    def init(self):
+        self.count = 0
+        self.button = Tag.button("+1", _onclick=self.bind.inc(), _data_test="inc")
+        self.value = Tag.span("0", _data_test="value")
+        self.pid = Tag.span(str(os.getpid()), _data_test="pid")
+        self <= self.button
+        self <= self.value
+        self <= self.pid
+
+    def inc(self):
+        self.count += 1
+        self.value.clear(str(self.count))
+
+    def never_offered(self):
+        """A public method no element binds: a client must not be able to call it."""
+        self.value.clear("HIJACKED")
+
+
+class Pusher(Tag.body):
+    """Updates itself from a background task with tag.update()."""
+
+    def init(self):
+        self.ticks = Tag.span("0", _data_test="ticks")
+        self.result = Tag.span("", _data_test="update-result")
+        self <= Tag.button("start", _onclick=self.bind.start(), _data_test="start")
+        self <= self.ticks
+        self <= self.result
+        self._task = None
+
+    def start(self):
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self):
+        for i in range(1, 4):
+            await asyncio.sleep(0.05)
+            self.ticks.clear(str(i))
+            ok = await self.ticks.update()
+            self.result.clear(str(ok))
+            await self.result.update()
+
+
+class Query(Tag.body):
+    """Shows how the query string built it."""
+
+    def init(self, *args, **kargs):
+        self <= Tag.div(repr(args), _data_test="args")
+        self <= Tag.div(repr(sorted(kargs.items())), _data_test="kargs")
+        self.count = 0
+        self.value = Tag.span("0", _data_test="value")
+        self <= Tag.button("+1", _onclick=self.bind.inc(), _data_test="inc")
+        self <= self.value
+
+    def inc(self):
+        self.count += 1
+        self.value.clear(str(self.count))
+
+
+class State(Tag.body):
+    """Reads and writes the session, the one a route sees as request.session."""
+
+    def init(self):
+        self.shown = Tag.span(repr(self.session.get("from_route")), _data_test="from-route")
+        self <= self.shown
+        self <= Tag.button("read", _onclick=self.bind.read(), _data_test="read")
+        self <= Tag.button("write", _onclick=self.bind.write(), _data_test="write")
+        self <= Tag.button("state", _onclick=self.bind.use_state(), _data_test="state")
+        self.statev = Tag.span(str(self.state.get("clicks", 0)), _data_test="statev")
+        self <= self.statev
+
+    def read(self):
+        self.shown.clear(repr(self.session.get("from_route")))
+
+    def write(self):
+        self.session["from_app"] = "written-by-app"
+
+    def use_state(self):
+        self.state["clicks"] = self.state.get("clicks", 0) + 1
+        self.statev.clear(str(self.state["clicks"]))
+
+
+class Slow(Tag.body):
+    """An interaction that blocks far longer than timeout_interaction."""
+
+    def init(self):
+        self <= Tag.button("slow", _onclick=self.bind.slow(), _data_test="slow")
+        self <= Tag.button("+1", _onclick=self.bind.inc(), _data_test="inc")
+        self.value = Tag.span("0", _data_test="value")
+        self <= self.value
+        self.count = 0
+
+    def slow(self):
+        time.sleep(30)
+
+    def inc(self):
+        self.count += 1
+        self.value.clear(str(self.count))
+
+
+class Crashy(Tag.body):
+    def init(self):
+        self <= Tag.button("boom", _onclick=self.bind.boom(), _data_test="boom")
+
+    def boom(self):
+        raise ValueError("boom in the app")

@@ -1,0 +1,205 @@
+"""Real servers and a real browser for the tests.
+
+Servers are started as subprocesses (uvicorn or gunicorn) on 127.0.0.1 with a free port,
+each with its own state and runtime directories, and are stopped (and checked for leftover
+processes) at the end of the test.
+"""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+LOOPS = ["asyncio", "uvloop"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pids_in_runtime(runtime_dir: Path) -> List[int]:
+    """PIDs of live processes whose command line or environment names this runtime dir
+    (the zygote gets it in argv; its children are forks of it)."""
+    found = []
+    needle = str(runtime_dir).encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            env = Path(f"/proc/{entry}/environ").read_bytes()
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if stat.split(") ")[-1].startswith("Z"):
+            continue
+        if needle in cmd or needle in env:
+            found.append(int(entry))
+    return found
+
+
+class Server:
+    """A real server in a subprocess. ``kind`` is "uvicorn" or "gunicorn"."""
+
+    def __init__(self, target: str, *, kind: str = "uvicorn", loop: str = "asyncio", workers: int = 1,
+                 env: Optional[Dict[str, str]] = None, extra: Optional[List[str]] = None) -> None:
+        self.target = target
+        self.kind = kind
+        self.loop = loop
+        self.workers = workers
+        self.port = free_port()
+        self.tmp = Path(tempfile.mkdtemp(prefix="ah-"))
+        self.state_dir = self.tmp / "state"
+        self.runtime_dir = self.tmp / "run"
+        self.env = dict(os.environ)
+        self.env.update({
+            "ASGI_HTAG_STATE_DIR": str(self.state_dir),
+            "ASGI_HTAG_RUNTIME_DIR": str(self.runtime_dir),
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+        })
+        self.env.update(env or {})
+        self.extra = extra or []
+        self.proc: Optional[subprocess.Popen] = None
+        self.lines: List[str] = []
+        self._started = threading.Condition()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def command(self) -> List[str]:
+        if self.kind == "gunicorn":
+            worker = "tests.servers.uvloop_worker.AsyncioWorker" if self.loop == "asyncio" else "tests.servers.uvloop_worker.UvloopWorker"
+            return [sys.executable, "-m", "gunicorn", "-w", str(self.workers), "-k", worker,
+                    "-b", f"127.0.0.1:{self.port}", "--graceful-timeout", "5", *self.extra, self.target]
+        cmd = [sys.executable, "-m", "uvicorn", self.target, "--host", "127.0.0.1", "--port", str(self.port),
+               "--loop", self.loop, "--log-level", "info"]
+        if self.workers > 1:
+            cmd += ["--workers", str(self.workers)]
+        return cmd + self.extra
+
+    def start(self, timeout: float = 60) -> "Server":
+        self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.wait_for_log("Application startup complete", count=self.workers, timeout=timeout)
+        return self
+
+    def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._started:
+                self.lines.append(line.rstrip("\n"))
+                self._started.notify_all()
+        with self._started:
+            self._started.notify_all()
+
+    def wait_for_log(self, text: str, *, count: int = 1, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        with self._started:
+            while sum(text in line for line in self.lines) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc is not None and self.proc.poll() is not None):
+                    raise AssertionError(f"server never logged {text!r} x{count}:\n" + "\n".join(self.lines[-60:]))
+                self._started.wait(remaining)
+
+    def log(self) -> str:
+        with self._started:
+            return "\n".join(self.lines)
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+    def wait_no_processes(self, timeout: float = 20) -> List[int]:
+        """Wait (bounded) until no process of this server remains; return what is left."""
+        deadline = time.monotonic() + timeout
+        left = pids_in_runtime(self.runtime_dir)
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = pids_in_runtime(self.runtime_dir)
+        return left
+
+    def cleanup(self) -> None:
+        self.stop()
+        for pid in pids_in_runtime(self.runtime_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def make_server() -> Iterator:
+    servers: List[Server] = []
+
+    def factory(target: str = "tests.servers.runner_app:app", **kw) -> Server:
+        server = Server(target, **kw)
+        servers.append(server)
+        return server.start()
+
+    yield factory
+    leftovers = {}
+    for server in servers:
+        server.stop()
+        left = server.wait_no_processes()
+        if left:
+            leftovers[server.target] = left
+        server.cleanup()
+    assert not leftovers, f"processes left after the server stopped: {leftovers}"
+
+
+@pytest.fixture(params=LOOPS)
+def loop(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+        )
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context()
+    p = context.new_page()
+    p.set_default_timeout(15000)
+    yield p
+    context.close()

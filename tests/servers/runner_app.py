@@ -1,0 +1,68 @@
+"""The Runner used by the server-level tests (served by a real uvicorn/gunicorn)."""
+import os
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+
+from asgi_htag import Runner
+from tests import apps
+
+app = Runner(
+    apps.Counter,
+    max_processes=int(os.environ.get("TEST_MAX_PROCESSES", "1000")),
+    zygote_grace_seconds=float(os.environ.get("TEST_ZYGOTE_GRACE", "1")),
+    debug=os.environ.get("TEST_DEBUG") == "1",
+)
+
+
+async def pusher(request: Request):
+    return await request.app.handle(request, apps.Pusher)
+
+
+async def http_counter(request: Request):
+    return await request.app.handle(request, apps.Counter, http_only=True)
+
+
+async def query(request: Request):
+    return await request.app.handle(request, "tests.apps:Query")
+
+
+async def state(request: Request):
+    return await request.app.handle(request, apps.State)
+
+
+async def slow(request: Request):
+    return await request.app.handle(request, apps.Slow, timeout_interaction=1)
+
+
+async def crashy(request: Request):
+    return await request.app.handle(request, apps.Crashy)
+
+
+async def inactive(request: Request):
+    return await request.app.handle(request, apps.Counter, timeout_inactivity=1)
+
+
+async def set_value(request: Request):
+    request.session["from_route"] = request.query_params.get("v", "")
+    return PlainTextResponse("ok")
+
+
+async def get_value(request: Request):
+    return JSONResponse({"from_app": request.session.get("from_app"), "keys": sorted(request.session.keys())})
+
+
+async def stats(request: Request):
+    return JSONResponse(await request.app.engine.pool.stats())
+
+
+app.add_route("/pusher", pusher)
+app.add_route("/http", http_counter)
+app.add_route("/query", query)
+app.add_route("/state", state)
+app.add_route("/slow", slow)
+app.add_route("/crashy", crashy)
+app.add_route("/inactive", inactive)
+app.add_route("/set", set_value)
+app.add_route("/get", get_value)
+app.add_route("/_stats", stats)
