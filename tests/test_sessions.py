@@ -1,0 +1,863 @@
+"""Tests of asgi_htag.sessions: cookie signing, the middleware, the stores."""
+import contextlib
+import json
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import anyio
+import pytest
+
+from asgi_htag import sessions
+from asgi_htag.config import Secret
+from asgi_htag.exceptions import ConfigurationError
+from asgi_htag.sessions import (
+    MemoryStore,
+    Session,
+    SessionMiddleware,
+    SQLiteStore,
+    default_store,
+    sign_sid,
+    unsign_cookie,
+)
+
+SECRET = "s3cret-for-tests-0123456789"
+OTHER_SECRET = "another-secret-abcdefghijkl"
+COOKIE = "asgi_htag_session"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+async def raw_app(scope: Dict[str, Any], receive: Any, send: Any) -> None:
+    """A tiny ASGI app driven by its path: /set/<k>/<v>, /append, /clear, /regenerate,
+    /invalidate, /peek (reads nothing); it answers with the session id and data."""
+    session: Session = scope["session"]
+    parts = scope["path"].strip("/").split("/")
+    if parts[0] == "set":
+        session[parts[1]] = parts[2]
+    elif parts[0] == "append":
+        session.setdefault("items", [])
+        session["items"].append(len(session["items"]))
+    elif parts[0] == "clear":
+        session.clear()
+    elif parts[0] == "regenerate":
+        session.regenerate_id()
+    elif parts[0] == "invalidate":
+        session.invalidate()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    # Read after the start, once the middleware has committed and given the session its id.
+    if parts[0] == "peek":
+        body = b"{}"
+    else:
+        body = json.dumps({"sid": session.sid, "data": dict(session)}).encode()
+    await send({"type": "http.response.body", "body": body})
+
+
+def http_scope(path: str, headers: List[Tuple[bytes, bytes]], scheme: str = "http") -> Dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": scheme,
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 12345),
+        "server": ("testserver", 80),
+    }
+
+
+def request(
+    app: Any, path: str, *, cookie: Optional[str] = None, headers: Optional[List[Tuple[bytes, bytes]]] = None,
+    scheme: str = "http",
+) -> Tuple[Dict[str, Any], Any]:
+    """Run one GET through ``app``; returns (http.response.start message, decoded JSON body)."""
+    all_headers = list(headers or [])
+    if cookie is not None:
+        all_headers.append((b"cookie", f"{COOKIE}={cookie}".encode()))
+    sent: List[Dict[str, Any]] = []
+
+    async def receive() -> Dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def main() -> None:
+        await app(http_scope(path, all_headers, scheme), receive, send)
+
+    anyio.run(main)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    return sent[0], json.loads(sent[1]["body"])
+
+
+def set_cookies(start: Dict[str, Any]) -> List[str]:
+    return [v.decode("latin-1") for k, v in start.get("headers", []) if k.lower() == b"set-cookie"]
+
+
+def cookie_value(start: Dict[str, Any]) -> str:
+    (header,) = set_cookies(start)
+    first = header.split(";")[0]
+    name, _, value = first.partition("=")
+    assert name == COOKIE
+    return value
+
+
+def run(fn: Any, *args: Any) -> Any:
+    return anyio.run(fn, *args)
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore()
+
+
+@pytest.fixture
+def app(store: MemoryStore) -> SessionMiddleware:
+    return SessionMiddleware(raw_app, store=store, secret=SECRET)
+
+
+# -- signing -----------------------------------------------------------------------------
+
+VALID_SID = "A" * 16 + "b_-9" * 4
+
+
+def test_sign_unsign_round_trip() -> None:
+    value = sign_sid(SECRET, VALID_SID)
+    assert value.startswith(VALID_SID + ".")
+    assert "=" not in value
+    assert unsign_cookie(SECRET, value) == VALID_SID
+    assert unsign_cookie(Secret(SECRET), value.encode()) == VALID_SID
+    assert unsign_cookie(SECRET.encode(), value) == VALID_SID
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        ".",
+        "..",
+        "../../etc/passwd",
+        "../../etc/passwd." + "A" * 43,
+        VALID_SID,
+        VALID_SID + ".",
+        "." + "A" * 43,
+        VALID_SID + ".\x00" + "A" * 42,
+        VALID_SID + "\x00." + "A" * 43,
+        "é" * 16 + "." + "A" * 43,
+        VALID_SID + "." + "é" * 43,
+        "a.b.c.d.e.f.g.h",
+        VALID_SID + "." + "A" * 43 + ".extra",
+        "A" * 10_000,
+        "A" * 5_000 + "." + "A" * 5_000,
+        "A" * 8 + "." + "A" * 43,
+        VALID_SID + "." + "A" * 43,
+        VALID_SID + "." + "A" * 44,
+        "null",
+        '"' + VALID_SID + '"',
+    ],
+)
+def test_unsign_rejects_hostile_values(value: str) -> None:
+    assert unsign_cookie(SECRET, value) is None
+    assert unsign_cookie(SECRET, value.encode("utf-8")) is None
+
+
+def test_unsign_rejects_other_secret_and_tampering() -> None:
+    value = sign_sid(OTHER_SECRET, VALID_SID)
+    assert unsign_cookie(SECRET, value) is None
+    good = sign_sid(SECRET, VALID_SID)
+    sid, _, sig = good.partition(".")
+    flipped = sig[:-1] + ("A" if sig[-1] != "A" else "B")
+    assert unsign_cookie(SECRET, f"{sid}.{flipped}") is None
+    other_sid = "B" + sid[1:]
+    assert unsign_cookie(SECRET, f"{other_sid}.{sig}") is None
+    # The signature is padded to 44 characters in plain base64: padding is not accepted.
+    assert unsign_cookie(SECRET, good + "=") is None
+
+
+def test_unsign_non_ascii_bytes_and_wrong_types() -> None:
+    assert unsign_cookie(SECRET, b"\xff\xfe" * 20) is None
+    assert unsign_cookie(SECRET, None) is None  # type: ignore[arg-type]
+    assert unsign_cookie(SECRET, 12) is None  # type: ignore[arg-type]
+
+
+def test_sign_rejects_bad_sid_and_short_secret() -> None:
+    with pytest.raises(ValueError):
+        sign_sid(SECRET, "../../etc/passwd")
+    with pytest.raises(ValueError):
+        sign_sid(SECRET, "short")
+    with pytest.raises(ConfigurationError):
+        sign_sid("too-short", VALID_SID)
+    with pytest.raises(ConfigurationError):
+        unsign_cookie("too-short", VALID_SID)
+
+
+# -- middleware configuration ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"secret": "short"},
+        {"secret": 1234567890123456789},
+        {"cookie_name": "bad name"},
+        {"cookie_name": "a;b"},
+        {"cookie_name": ""},
+        {"max_age_seconds": 0},
+        {"max_age_seconds": -5},
+        {"max_age_seconds": 1.5},
+        {"max_age_seconds": True},
+        {"path": "relative"},
+        {"path": "/a;b"},
+        {"path": "/a b"},
+        {"same_site": "sometimes"},
+        {"same_site": "none", "https_only": False},
+        {"https_only": "yes"},
+        {"store": object()},
+    ],
+)
+def test_middleware_validates_arguments(kwargs: Dict[str, Any]) -> None:
+    options: Dict[str, Any] = {"store": MemoryStore(), "secret": SECRET}
+    options.update(kwargs)
+    with pytest.raises(ConfigurationError):
+        SessionMiddleware(raw_app, **options)
+
+
+def test_middleware_repr_hides_secret(app: SessionMiddleware) -> None:
+    assert SECRET not in repr(app)
+    assert SECRET not in repr(app.__dict__)
+
+
+# -- middleware over raw http ------------------------------------------------------------
+
+
+def test_new_session_sets_cookie_without_secure_on_http(app: SessionMiddleware) -> None:
+    start, body = request(app, "/set/color/blue")
+    (header,) = set_cookies(start)
+    attrs = [a.strip() for a in header.split(";")]
+    assert attrs[1:] == ["Path=/", f"Max-Age={14 * 24 * 3600}", "HttpOnly", "SameSite=Lax"]
+    value = cookie_value(start)
+    assert unsign_cookie(SECRET, value) == body["sid"]
+    assert body["data"] == {"color": "blue"}
+    assert (b"vary", b"Cookie") in start["headers"]
+
+
+def test_secure_flag_follows_scheme_and_https_only(store: MemoryStore) -> None:
+    auto = SessionMiddleware(raw_app, store=store, secret=SECRET)
+    start, _ = request(auto, "/set/a/1", scheme="https")
+    assert set_cookies(start)[0].endswith("; Secure")
+    forced = SessionMiddleware(raw_app, store=store, secret=SECRET, https_only=True, same_site="strict",
+                               path="/app", max_age_seconds=60, cookie_name=COOKIE)
+    start, _ = request(forced, "/set/a/1")
+    assert set_cookies(start)[0].endswith("; Path=/app; Max-Age=60; HttpOnly; SameSite=Strict; Secure")
+    never = SessionMiddleware(raw_app, store=store, secret=SECRET, https_only=False)
+    start, _ = request(never, "/set/a/1", scheme="https")
+    assert "Secure" not in set_cookies(start)[0]
+    cross_site = SessionMiddleware(raw_app, store=store, secret=SECRET, same_site="none")
+    start, _ = request(cross_site, "/set/a/1")
+    assert set_cookies(start)[0].endswith("; SameSite=None; Secure")
+
+
+def test_value_survives_to_next_request(app: SessionMiddleware, store: MemoryStore) -> None:
+    start, first = request(app, "/set/user/alice")
+    cookie = cookie_value(start)
+    start, second = request(app, "/set/lang/fr", cookie=cookie)
+    assert second == {"sid": first["sid"], "data": {"user": "alice", "lang": "fr"}}
+    assert set_cookies(start) == []  # the browser already holds this cookie
+    assert run(store.load, first["sid"]) == {"user": "alice", "lang": "fr"}
+
+
+def test_unmodified_session_sends_no_cookie(app: SessionMiddleware) -> None:
+    start, first = request(app, "/set/k/v")
+    cookie = cookie_value(start)
+    start, body = request(app, "/read", cookie=cookie)
+    assert body == first
+    assert set_cookies(start) == []
+    start, _ = request(app, "/peek")
+    assert set_cookies(start) == []
+    assert not any(k == b"vary" for k, _ in start["headers"])
+
+
+def test_tampered_cookie_gets_fresh_session(app: SessionMiddleware) -> None:
+    start, first = request(app, "/set/secret/42")
+    cookie = cookie_value(start)
+    tampered = cookie[:-2] + ("xx" if not cookie.endswith("xx") else "yy")
+    start, body = request(app, "/read", cookie=tampered)
+    assert body == {"sid": None, "data": {}}
+    start, body = request(app, "/set/other/1", cookie=tampered)
+    assert body["sid"] not in (None, first["sid"])
+    assert body["data"] == {"other": "1"}
+
+
+def test_foreign_secret_cookie_gets_fresh_session(app: SessionMiddleware) -> None:
+    start, first = request(app, "/set/a/1")
+    forged = sign_sid(OTHER_SECRET, first["sid"])
+    _, body = request(app, "/read", cookie=forged)
+    assert body == {"sid": None, "data": {}}
+
+
+def test_unknown_sid_is_never_reused(app: SessionMiddleware) -> None:
+    chosen = "C" * 32
+    cookie = sign_sid(SECRET, chosen)  # validly signed, but the store never saw it
+    start, body = request(app, "/set/a/1", cookie=cookie)
+    assert body["sid"] not in (None, chosen)
+    assert unsign_cookie(SECRET, cookie_value(start)) == body["sid"]
+
+
+def test_many_junk_cookies_and_several_headers(app: SessionMiddleware) -> None:
+    start, first = request(app, "/set/k/v")
+    cookie = cookie_value(start)
+    junk = "; ".join(f"junk{i}=../../etc/passwd\x01{i}" for i in range(50))
+    headers = [
+        (b"cookie", junk.encode("latin-1")),
+        (b"cookie", b"=; ;;; novalue; \xff\xfe=\xfe"),
+        (b"cookie", f'{COOKIE}=garbage; other=1; {COOKIE}="{cookie}"; tail=2'.encode()),
+    ]
+    start, body = request(app, "/read", headers=headers)
+    assert body == first
+    assert set_cookies(start) == []
+
+
+def test_oversized_cookie_is_ignored(app: SessionMiddleware) -> None:
+    _, body = request(app, "/read", cookie="A" * 10_000)
+    assert body == {"sid": None, "data": {}}
+
+
+def test_in_place_mutation_is_saved(app: SessionMiddleware) -> None:
+    start, _ = request(app, "/append")
+    cookie = cookie_value(start)
+    request(app, "/append", cookie=cookie)
+    _, body = request(app, "/append", cookie=cookie)
+    assert body["data"] == {"items": [0, 1, 2]}
+    _, body = request(app, "/read", cookie=cookie)
+    assert body["data"] == {"items": [0, 1, 2]}
+
+
+def test_clear_drops_session_and_expires_cookie(app: SessionMiddleware, store: MemoryStore) -> None:
+    start, first = request(app, "/set/user/bob")
+    cookie = cookie_value(start)
+    start, body = request(app, "/clear", cookie=cookie)
+    assert body["data"] == {}
+    (header,) = set_cookies(start)
+    assert header.startswith(f"{COOKIE}=; Path=/; Max-Age=0;")
+    assert run(store.load, first["sid"]) is None
+    _, body = request(app, "/read", cookie=cookie)
+    assert body == {"sid": None, "data": {}}
+
+
+def test_regenerate_id_moves_data_and_resends_cookie(app: SessionMiddleware, store: MemoryStore) -> None:
+    start, first = request(app, "/set/user/carol")
+    cookie = cookie_value(start)
+    start, body = request(app, "/regenerate", cookie=cookie)
+    new_cookie = cookie_value(start)
+    assert body["sid"] != first["sid"]
+    assert unsign_cookie(SECRET, new_cookie) == body["sid"]
+    assert run(store.load, first["sid"]) is None
+    _, again = request(app, "/read", cookie=new_cookie)
+    assert again["data"] == {"user": "carol"}
+    _, old = request(app, "/read", cookie=cookie)
+    assert old == {"sid": None, "data": {}}
+
+
+def test_invalidate_expires_cookie(app: SessionMiddleware, store: MemoryStore) -> None:
+    start, first = request(app, "/set/user/dan")
+    start, body = request(app, "/invalidate", cookie=cookie_value(start))
+    assert body == {"sid": None, "data": {}}
+    assert "Max-Age=0" in set_cookies(start)[0]
+    assert run(store.load, first["sid"]) is None
+
+
+def test_existing_session_expiry_is_refreshed(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1_000_000.0]
+    monkeypatch.setattr(sessions, "_now", lambda: clock[0])
+    store = MemoryStore(max_age_seconds=100)
+    app = SessionMiddleware(raw_app, store=store, secret=SECRET)
+    start, first = request(app, "/set/k/v")
+    cookie = cookie_value(start)
+    clock[0] += 80
+    request(app, "/read", cookie=cookie)  # touches: expiry now at +180
+    clock[0] += 80
+    _, body = request(app, "/read", cookie=cookie)
+    assert body == first
+    clock[0] += 101
+    _, body = request(app, "/read", cookie=cookie)
+    assert body == {"sid": None, "data": {}}
+
+
+def test_lifespan_passes_through() -> None:
+    seen: List[Dict[str, Any]] = []
+
+    async def inner(scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(dict(scope))
+
+    async def main() -> None:
+        app = SessionMiddleware(inner, store=MemoryStore(), secret=SECRET)
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}}, None, None)
+
+    anyio.run(main)
+    assert len(seen) == 1 and "session" not in seen[0]
+
+
+def test_non_json_value_fails_at_response_start(app: SessionMiddleware) -> None:
+    async def bad_app(scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        scope["session"]["when"] = {1, 2}
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    wrapped = SessionMiddleware(bad_app, store=MemoryStore(), secret=SECRET)
+
+    async def main() -> None:
+        async def send(message: Dict[str, Any]) -> None:
+            raise AssertionError("nothing may be sent")
+
+        await wrapped(http_scope("/", []), None, send)
+
+    with pytest.raises(TypeError, match="'when'"):
+        anyio.run(main)
+
+
+# -- Starlette ---------------------------------------------------------------------------
+
+
+def starlette_client(store: Any) -> Any:
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route, WebSocketRoute
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocket
+
+    async def write(request: Request) -> JSONResponse:
+        request.session["x"] = 1
+        return JSONResponse({"ok": True})
+
+    async def read(request: Request) -> JSONResponse:
+        return JSONResponse({"x": request.session.get("x")})
+
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_json({"x": websocket.session.get("x")})
+        websocket.session["from_ws"] = True
+        await websocket.close()
+
+    app = Starlette(
+        routes=[Route("/write", write), Route("/read", read), WebSocketRoute("/ws", ws)],
+        middleware=[Middleware(SessionMiddleware, store=store, secret=SECRET)],
+    )
+    return TestClient(app)
+
+
+# starlette.testclient warns on import that it prefers httpx2, which is not a dependency here.
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient` is deprecated")
+def test_starlette_request_session(store: MemoryStore) -> None:
+    with starlette_client(store) as client:
+        assert client.get("/read").json() == {"x": None}
+        response = client.get("/write")
+        assert response.status_code == 200
+        assert "HttpOnly" in response.headers["set-cookie"]
+        assert client.get("/read").json() == {"x": 1}
+        with client.websocket_connect("/ws") as websocket:
+            assert websocket.receive_json() == {"x": 1}
+        sid = unsign_cookie(SECRET, client.cookies[COOKIE])
+    assert sid is not None
+    assert run(store.load, sid) == {"x": 1, "from_ws": True}
+
+
+# -- websocket, message by message -------------------------------------------------------
+
+
+def ws_scope(headers: List[Tuple[bytes, bytes]]) -> Dict[str, Any]:
+    return {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "scheme": "ws",
+        "path": "/ws",
+        "raw_path": b"/ws",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 12345),
+        "server": ("testserver", 80),
+        "subprotocols": [],
+    }
+
+
+def test_websocket_new_session_cookie_on_accept_and_commit_on_close() -> None:
+    from asgiref.testing import ApplicationCommunicator
+
+    store = MemoryStore()
+
+    async def ws_app(scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        session: Session = scope["session"]
+        assert (await receive())["type"] == "websocket.connect"
+        session.ensure_id()
+        await send({"type": "websocket.accept"})
+        message = await receive()
+        session["said"] = message["text"]
+        await send({"type": "websocket.close", "code": 1000})
+
+    app = SessionMiddleware(ws_app, store=store, secret=SECRET)
+
+    async def main() -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        communicator = ApplicationCommunicator(app, ws_scope([]))
+        await communicator.send_input({"type": "websocket.connect"})
+        accept = await communicator.receive_output(2)
+        await communicator.send_input({"type": "websocket.receive", "text": "hello"})
+        close = await communicator.receive_output(2)
+        await communicator.wait(2)
+        return accept, close
+
+    accept, close = anyio.run(main)
+    assert accept["type"] == "websocket.accept"
+    assert close == {"type": "websocket.close", "code": 1000}
+    (header,) = set_cookies(accept)
+    assert "Secure" not in header and "HttpOnly" in header
+    sid = unsign_cookie(SECRET, header.split(";")[0].partition("=")[2])
+    assert sid is not None
+    assert run(store.load, sid) == {"said": "hello"}
+
+
+def test_websocket_existing_session_and_reload() -> None:
+    from asgiref.testing import ApplicationCommunicator
+
+    store = MemoryStore()
+    sid = "W" * 32
+    run(store.apply, sid, {"n": 1}, [])
+    seen: List[Any] = []
+
+    async def ws_app(scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        session: Session = scope["session"]
+        await receive()
+        await send({"type": "websocket.accept"})
+        seen.append(dict(session))
+        await receive()  # meanwhile, another process changes the session
+        await session.reload()
+        seen.append(dict(session))
+        session["n"] += 1
+
+    app = SessionMiddleware(ws_app, store=store, secret=SECRET)
+
+    async def main() -> Dict[str, Any]:
+        headers = [(b"cookie", f"{COOKIE}={sign_sid(SECRET, sid)}".encode())]
+        communicator = ApplicationCommunicator(app, ws_scope(headers))
+        await communicator.send_input({"type": "websocket.connect"})
+        accept = await communicator.receive_output(2)
+        await store.apply(sid, {"n": 10, "other": "x"}, [])
+        await communicator.send_input({"type": "websocket.receive", "text": "go"})
+        await communicator.wait(2)
+        return accept
+
+    accept = anyio.run(main)
+    assert set_cookies(accept) == []
+    assert seen == [{"n": 1}, {"n": 10, "other": "x"}]
+    assert run(store.load, sid) == {"n": 11, "other": "x"}
+
+
+# -- Session -----------------------------------------------------------------------------
+
+
+def test_session_tracks_changes_key_by_key() -> None:
+    store = MemoryStore()
+    session = Session(store, sid="S" * 32, data={"keep": 1, "items": [1], "gone": True})
+    assert session.changed_keys() == set()
+    assert not session.modified
+    session["items"].append(2)
+    del session["gone"]
+    session["new"] = {"a": [1]}
+    assert session.changed_keys() == {"items", "new", "gone"}
+    changed, deleted = session.changes()
+    assert changed == {"items": [1, 2], "new": {"a": [1]}} and deleted == ["gone"]
+    with pytest.raises(TypeError):
+        session[3] = "x"  # type: ignore[index]
+    assert "SSSSSS" in repr(session) and "S" * 7 not in repr(session)
+
+
+def test_session_commit_and_apply_changes() -> None:
+    store = MemoryStore()
+
+    async def main() -> None:
+        session = Session(store)
+        await session.commit()
+        assert session.sid is None  # nothing to store, no id
+        session["a"] = 1
+        await session.commit()
+        assert session.sid is not None and session.is_new
+        assert not session.modified
+        other = Session(store, sid=session.sid, data=await store.load(session.sid))
+        other["b"] = 2
+        await other.commit()
+        session["c"] = 3  # pending locally
+        await session.apply_changes({"d": [4]}, ["a"])
+        assert dict(session) == {"b": 2, "c": 3, "d": [4]}
+        assert session.changed_keys() == {"c"}
+        assert await store.load(session.sid) == {"b": 2, "d": [4]}
+        await session.commit()
+        assert await store.load(session.sid) == {"b": 2, "c": 3, "d": [4]}
+
+    anyio.run(main)
+
+
+def test_session_clear_and_ensure_id() -> None:
+    store = MemoryStore()
+
+    async def main() -> None:
+        session = Session(store)
+        sid = session.ensure_id()
+        assert session.ensure_id() == sid and session.is_new
+        await session.commit()
+        assert await store.load(sid) == {}  # the id exists, so a cookie for it is valid
+        session.update(a=1, b=2)
+        session.clear()
+        assert len(session) == 0
+        await session.commit()
+        assert await store.load(sid) == {}
+
+    anyio.run(main)
+
+
+def test_session_commit_rejects_non_json_naming_key() -> None:
+    session = Session(MemoryStore())
+    session["fine"] = 1
+    session["bad"] = object()
+    with pytest.raises(TypeError, match="'bad'"):
+        anyio.run(session.commit)
+
+
+# -- MemoryStore -------------------------------------------------------------------------
+
+
+def test_memory_store_basics(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [5_000.0]
+    monkeypatch.setattr(sessions, "_now", lambda: clock[0])
+    store = MemoryStore(max_age_seconds=10)
+
+    async def main() -> None:
+        assert await store.load("nope") is None
+        value = {"nested": [1, 2]}
+        data = await store.apply("sid1", {"a": value, "b": 2}, [])
+        assert data == {"a": value, "b": 2}
+        value["nested"].append(3)  # the caller's object is not the stored one
+        data["b"] = 99
+        loaded = await store.load("sid1")
+        assert loaded == {"a": {"nested": [1, 2]}, "b": 2}
+        loaded["a"]["nested"].clear()
+        assert await store.load("sid1") == {"a": {"nested": [1, 2]}, "b": 2}
+        assert await store.apply("sid1", {"c": 3}, ["b", "missing"]) == {"a": {"nested": [1, 2]}, "c": 3}
+        with pytest.raises(TypeError, match="'d'"):
+            await store.apply("sid1", {"d": b"bytes"}, [])
+        clock[0] += 9
+        await store.touch("sid1")
+        clock[0] += 9
+        assert await store.load("sid1") is not None
+        clock[0] += 11
+        assert await store.load("sid1") is None
+        await store.touch("sid1")  # does not revive
+        assert await store.load("sid1") is None
+        assert await store.apply("sid1", {"z": 1}, []) == {"z": 1}  # expired data does not come back
+        await store.delete("sid1")
+        await store.delete("sid1")
+        assert await store.load("sid1") is None
+        await store.close()
+
+    anyio.run(main)
+
+
+@pytest.mark.parametrize("bad", [0, -1, "10", True, None])
+def test_stores_validate_max_age(bad: Any, tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError):
+        MemoryStore(max_age_seconds=bad)
+    with pytest.raises(ConfigurationError):
+        SQLiteStore(tmp_path / "s.db", max_age_seconds=bad)
+
+
+# -- SQLiteStore -------------------------------------------------------------------------
+
+
+def test_sqlite_store_shared_between_instances(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "sessions.sqlite3"
+
+    async def main() -> None:
+        one, two = SQLiteStore(path), SQLiteStore(path)
+        try:
+            assert await two.load("x" * 32) is None
+            await one.apply("x" * 32, {"a": 1}, [])
+            assert await two.load("x" * 32) == {"a": 1}
+            await two.apply("x" * 32, {"b": [1, {"c": None}]}, ["a"])
+            assert await one.load("x" * 32) == {"b": [1, {"c": None}]}
+            await one.touch("x" * 32)
+            await two.touch("x" * 32)
+            await one.delete("x" * 32)
+            assert await two.load("x" * 32) is None
+        finally:
+            await one.close()
+            await two.close()
+
+    anyio.run(main)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    with contextlib.closing(sqlite3.connect(str(path))) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_sqlite_store_merges_keys_with_another_process(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.sqlite3"
+    sid = "P" * 32
+    child_code = textwrap.dedent(
+        """
+        import sys, anyio
+        from asgi_htag.sessions import SQLiteStore
+
+        async def main():
+            store = SQLiteStore(sys.argv[1])
+            try:
+                for i in range(30):
+                    await store.apply(sys.argv[2], {"child%d" % i: i}, [])
+            finally:
+                await store.close()
+
+        anyio.run(main)
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+
+    async def main() -> None:
+        store = SQLiteStore(path)
+        try:
+            await store.apply(sid, {"start": True}, [])
+            proc = subprocess.Popen([sys.executable, "-c", child_code, str(path), sid], env=env)
+            try:
+                for i in range(30):
+                    await store.apply(sid, {f"parent{i}": i}, [])
+            finally:
+                returncode = await anyio.to_thread.run_sync(lambda: proc.wait(timeout=60))
+            assert returncode == 0
+            data = await store.load(sid)
+        finally:
+            await store.close()
+        expected = {"start": True}
+        expected.update({f"parent{i}": i for i in range(30)})
+        expected.update({f"child{i}": i for i in range(30)})
+        assert data == expected
+
+    anyio.run(main)
+
+
+def test_sqlite_store_ignores_and_purges_expired_rows(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.sqlite3"
+
+    async def write(store: SQLiteStore, sid: str, changed: Dict[str, Any]) -> None:
+        try:
+            await store.apply(sid, changed, [])
+        finally:
+            await store.close()
+
+    anyio.run(write, SQLiteStore(path), "E" * 32, {"old": "data"})
+    with contextlib.closing(sqlite3.connect(str(path))) as conn:
+        with conn:
+            conn.execute("UPDATE sessions SET expires = 1.0 WHERE sid = ?", ("E" * 32,))
+
+    async def main() -> None:
+        store = SQLiteStore(path)
+        try:
+            assert await store.load("E" * 32) is None
+            await store.touch("E" * 32)  # does not revive
+            assert await store.load("E" * 32) is None
+            # A write to the expired id starts from nothing, and the first write purges.
+            assert await store.apply("E" * 32, {"new": 1}, []) == {"new": 1}
+            await store.apply("F" * 32, {"x": 1}, [])
+        finally:
+            await store.close()
+
+    anyio.run(main)
+    with contextlib.closing(sqlite3.connect(str(path))) as conn:
+        with conn:
+            conn.execute("UPDATE sessions SET expires = 1.0 WHERE sid = ?", ("F" * 32,))
+    anyio.run(write, SQLiteStore(path), "G" * 32, {"y": 1})
+    with contextlib.closing(sqlite3.connect(str(path))) as conn:
+        sids = {row[0] for row in conn.execute("SELECT sid FROM sessions")}
+    assert sids == {"E" * 32, "G" * 32}
+
+
+def test_sqlite_store_expiry_with_clock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [2_000_000.0]
+    monkeypatch.setattr(sessions, "_now", lambda: clock[0])
+
+    async def main() -> None:
+        store = SQLiteStore(tmp_path / "s.db", max_age_seconds=100)
+        try:
+            await store.apply("T" * 32, {"a": 1}, [])
+            clock[0] += 99
+            assert await store.load("T" * 32) == {"a": 1}
+            clock[0] += 2
+            assert await store.load("T" * 32) is None
+        finally:
+            await store.close()
+
+    anyio.run(main)
+
+
+def test_sqlite_store_rejects_non_json(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = SQLiteStore(tmp_path / "s.db")
+        try:
+            with pytest.raises(TypeError, match="'when'"):
+                await store.apply("J" * 32, {"ok": 1, "when": object()}, [])
+            with pytest.raises(TypeError):
+                await store.apply("J" * 32, {1: "int key"}, [])  # type: ignore[dict-item]
+            assert await store.load("J" * 32) is None
+        finally:
+            await store.close()
+
+    anyio.run(main)
+
+
+def test_sqlite_store_reopens_after_fork(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = SQLiteStore(tmp_path / "s.db")
+
+    async def main() -> None:
+        try:
+            await store.apply("K" * 32, {"a": 1}, [])
+            monkeypatch.setattr(sessions.os, "getpid", lambda: -1)  # as if in a forked child
+            assert await store.load("K" * 32) == {"a": 1}
+            assert len(store._inherited) == 2
+        finally:
+            await store.close()
+            for conn in store._inherited:
+                conn.close()
+
+    anyio.run(main)
+
+
+def test_sqlite_store_unusable_path(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+
+    async def main() -> None:
+        store = SQLiteStore(blocker / "sessions.sqlite3")
+        with pytest.raises(ConfigurationError):
+            await store.load("x" * 32)
+
+    anyio.run(main)
+
+
+def test_sqlite_store_with_middleware(tmp_path: Path) -> None:
+    store = default_store(tmp_path / "state")
+    assert store.path == tmp_path / "state" / "sessions.sqlite3"
+    app = SessionMiddleware(raw_app, store=store, secret=SECRET)
+    try:
+        start, first = request(app, "/set/k/v")
+        _, body = request(app, "/append", cookie=cookie_value(start))
+        assert body == {"sid": first["sid"], "data": {"k": "v", "items": [0]}}
+    finally:
+        run(store.close)
