@@ -73,6 +73,8 @@ class Server:
         self.env.update(env or {})
         self.extra = extra or []
         self.proc: Optional[subprocess.Popen] = None
+        self._stdout = None
+        self._pump_thread: Optional[threading.Thread] = None
         self.lines: List[str] = []
         self._started = threading.Condition()
 
@@ -98,13 +100,16 @@ class Server:
     def start(self, timeout: float = 60) -> "Server":
         self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._stdout = self.proc.stdout
+        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
+        self._pump_thread.start()
         self.wait_for_log("Application startup complete", count=self.workers, timeout=timeout)
         return self
 
     def _pump(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
+        stream = self._stdout
+        assert stream is not None
+        for line in stream:
             with self._started:
                 self.lines.append(line.rstrip("\n"))
                 self._started.notify_all()
@@ -152,6 +157,10 @@ class Server:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if self._pump_thread is not None:
+            self._pump_thread.join(10)
+        if self._stdout is not None:
+            self._stdout.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -203,3 +212,31 @@ def page(browser):
     p.set_default_timeout(15000)
     yield p
     context.close()
+
+
+@pytest.fixture(scope="module", params=LOOPS)
+def server(request) -> Iterator[Server]:
+    """The test Runner (tests/servers/runner_app.py) under uvicorn, once per event loop."""
+    s = Server("tests.servers.runner_app:app", loop=request.param).start()
+    yield s
+    s.stop()
+    left = s.wait_no_processes()
+    s.cleanup()
+    assert not left, f"processes left after the server stopped: {left}"
+
+
+@pytest.fixture
+def new_client(server):
+    """A factory of httpx clients, each one a separate browser session."""
+    import httpx
+
+    clients = []
+
+    def factory(base_url: Optional[str] = None) -> "httpx.Client":
+        c = httpx.Client(base_url=base_url or server.url, timeout=30)
+        clients.append(c)
+        return c
+
+    yield factory
+    for c in clients:
+        c.close()

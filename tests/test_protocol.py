@@ -1,0 +1,225 @@
+"""The runner end to end at the protocol level: a real uvicorn (asyncio and uvloop), real
+HTTP and websocket clients, one OS process per session."""
+import json
+import os
+import signal
+
+import pytest
+
+from tests.client import Page, recv_json, texts_of
+
+pytestmark = pytest.mark.server
+
+
+def click(ws, page: Page, name: str) -> dict:
+    ws.send(json.dumps(page.call(name)))
+    return recv_json(ws)
+
+
+def test_websocket_counter_and_reload_reuses_instance(server, new_client):
+    c = new_client()
+    page = Page(c, "/")
+    assert page.status == 200
+    assert page.cfg["mode"] == "ws" and page.cfg["ws"].startswith("/_htag/")
+    pid = page.texts["pid"]
+    with page.ws() as ws:
+        seen = [texts_of(click(ws, page, "inc"))["value"] for _ in range(3)]
+    assert seen == ["1", "2", "3"]
+    again = Page(c, "/")
+    assert again.texts["pid"] == pid, "a reload must reuse the session's instance"
+    assert again.texts["value"] == "3"
+
+
+def test_two_sessions_get_independent_processes(server, new_client):
+    a, b = Page(new_client(), "/"), Page(new_client(), "/")
+    assert a.texts["pid"] != b.texts["pid"]
+    with a.ws() as wa, b.ws() as wb:
+        click(wa, a, "inc")
+        click(wa, a, "inc")
+        assert texts_of(click(wb, b, "inc"))["value"] == "1"
+        assert texts_of(click(wa, a, "inc"))["value"] == "3"
+
+
+def test_query_params_build_and_rebuild_the_instance(server, new_client):
+    c = new_client()
+    page = Page(c, "/query?john&age=12")
+    assert page.texts["args"] == "('john',)"
+    assert page.texts["kargs"] == "[('age', '12')]"
+    with page.ws() as ws:
+        assert texts_of(click(ws, page, "inc"))["value"] == "1"
+    same = Page(c, "/query?john&age=12")
+    assert same.texts["value"] == "1", "same query params: same instance"
+    other = Page(c, "/query?bob")
+    assert other.texts["args"] == "('bob',)"
+    assert other.texts["value"] == "0", "new query params: a new instance"
+    # the old page's token no longer matches the session's instance: it is told to reload
+    with page.ws() as ws:
+        assert recv_json(ws)["asgi_htag"] == "gone"
+
+
+def test_http_only_interactions(server, new_client):
+    c = new_client()
+    page = Page(c, "/http")
+    assert page.cfg["mode"] == "http"
+    values = [texts_of(page.post(page.call("inc")).json())["value"] for _ in range(2)]
+    assert values == ["1", "2"]
+    assert Page(c, "/http").texts["value"] == "2"
+
+
+def test_tag_update_pushes_over_websocket(server, new_client):
+    page = Page(new_client(), "/pusher")
+    with page.ws() as ws:
+        ws.send(json.dumps(page.call("start")))
+        ticks, results = [], []
+        while len(ticks) < 3 or len(results) < 3:
+            texts = texts_of(recv_json(ws))
+            if "ticks" in texts and texts["ticks"] != "0":
+                ticks.append(texts["ticks"])
+            if texts.get("update-result"):
+                results.append(texts["update-result"])
+    assert ticks == ["1", "2", "3"]
+    assert set(results) == {"True"}, "tag.update() returns True when the page is connected"
+
+
+def test_session_shared_between_routes_and_app(server, new_client):
+    c = new_client()
+    assert c.get("/set?v=hello").text == "ok"
+    page = Page(c, "/state")
+    assert page.texts["from-route"] == "'hello'"
+    c.get("/set?v=again")
+    with page.ws() as ws:
+        assert texts_of(click(ws, page, "read"))["from-route"] == "'again'", "the app sees a route's write on its next interaction"
+        click(ws, page, "write")
+        assert texts_of(click(ws, page, "state"))["statev"] == "1"
+    got = c.get("/get").json()
+    assert got["from_app"] == "written-by-app", "a route sees the app's write on its next request"
+    assert Page(c, "/state").texts["statev"] == "1", "tag.state lives in the session"
+
+
+def test_hostile_frames_get_errors_and_nothing_breaks(server, new_client):
+    page = Page(new_client(), "/")
+    other = Page(new_client(), "/")
+    body_id = page.call("inc")["id"]
+    with page.ws() as ws:
+        ws.send("not json")
+        assert recv_json(ws)["asgi_htag"] == "error"
+        ws.send("[1, 2]")
+        assert recv_json(ws)["asgi_htag"] == "error"
+        ws.send(json.dumps({"method": "inc"}))
+        assert recv_json(ws)["asgi_htag"] == "error"
+        ws.send("x" * (2 * 1024 * 1024))
+        assert "too large" in recv_json(ws)["message"]
+        for method in ("__init__", "_private", "exit", "never_offered", "__class__"):
+            reply = click_raw(ws, {"id": body_id, "method": method, "args": [], "kargs": {}, "event": {}})
+            assert "refused" in reply["err"], method
+        reply = click_raw(ws, {"id": 12345, "method": "inc", "args": [], "kargs": {}, "event": {}})
+        assert "refused" in reply["err"]
+        reply = click_raw(ws, {"id": body_id, "method": "inc", "args": "notalist", "kargs": {}, "event": {}})
+        assert "refused" in reply["err"]
+        assert texts_of(click(ws, page, "inc"))["value"] == "1", "the same connection keeps working"
+    with other.ws() as ws:
+        assert texts_of(click(ws, other, "inc"))["value"] == "1", "other users are unaffected"
+
+
+def click_raw(ws, payload: dict) -> dict:
+    ws.send(json.dumps(payload))
+    return recv_json(ws)
+
+
+def test_hostile_http_posts(server, new_client):
+    page = Page(new_client(), "/http")
+    assert page.post(None, raw=b"\xff\xfe not json").status_code == 400
+    assert page.post(None, raw=b"x" * (2 * 1024 * 1024)).status_code == 413
+    assert page.post([1]).status_code == 400
+    r = page.post({"id": page.call("inc")["id"], "method": "never_offered", "args": [], "kargs": {}, "event": {}})
+    assert r.status_code == 200 and "refused" in r.json()["err"]
+    assert texts_of(page.post(page.call("inc")).json())["value"] == "1"
+
+
+def test_foreign_origin_is_refused(server, new_client):
+    from websockets.exceptions import InvalidStatus
+
+    page = Page(new_client(), "/")
+    with pytest.raises(InvalidStatus) as err:
+        page.ws(origin="http://evil.example").__enter__()
+    assert err.value.response.status_code == 403
+    with page.ws(origin=server.url) as ws:  # our own origin is fine
+        assert texts_of(click(ws, page, "inc"))["value"] == "1"
+    http = Page(page.client, "/http")
+    assert http.post(http.call("inc"), origin="http://evil.example").status_code == 403
+
+
+def test_tampered_cookie_gives_a_fresh_session(server, new_client):
+    c = new_client()
+    page = Page(c, "/")
+    with page.ws() as ws:
+        click(ws, page, "inc")
+    (cookie,) = list(c.cookies.jar)
+    sid, _, sig = cookie.value.partition(".")
+    forged = new_client()
+    forged.cookies.set(cookie.name, sid + "." + ("A" * len(sig)), domain=cookie.domain, path=cookie.path)
+    fresh = Page(forged, "/")
+    assert fresh.texts["pid"] != page.texts["pid"]
+    assert fresh.texts["value"] == "0"
+    # and the real page's websocket refuses a forged cookie too
+    with page.ws(cookie=f"{cookie.name}={sid}.{'A' * len(sig)}") as ws:
+        assert recv_json(ws)["asgi_htag"] == "gone"
+
+
+def test_app_errors_show_message_without_traceback(server, new_client):
+    page = Page(new_client(), "/crashy")
+    with page.ws() as ws:
+        reply = click(ws, page, "boom")
+    assert reply["err"] == "boom in the app"
+
+
+def test_killed_process_is_noticed_and_replaced(server, new_client):
+    c = new_client()
+    c.get("/set?v=keepme")
+    page = Page(c, "/")
+    pid = int(page.texts["pid"])
+    with page.ws() as ws:
+        click(ws, page, "inc")
+        os.kill(pid, signal.SIGKILL)
+        msg = recv_json(ws)
+        assert msg["asgi_htag"] == "dead" and "Reload" in msg["message"]
+    with page.ws() as ws:
+        assert recv_json(ws)["asgi_htag"] == "gone"
+    again = Page(c, "/")
+    assert again.texts["pid"] != str(pid) and again.texts["value"] == "0"
+    assert Page(c, "/state").texts["from-route"] == "'keepme'", "the session survived its process"
+
+
+def test_interaction_timeout_kills_the_process(server, new_client):
+    c = new_client()
+    c.get("/set?v=still-here")
+    page = Page(c, "/slow")
+    pid = page.texts.get("pid")
+    with page.ws() as ws:
+        assert texts_of(click(ws, page, "inc"))["value"] == "1"
+        ws.send(json.dumps(page.call("slow")))
+        msg = recv_json(ws, timeout=30)
+    assert msg["asgi_htag"] == "dead"
+    assert "too long" in msg["message"] and "1 s" in msg["message"]
+    fresh = Page(c, "/slow")
+    assert fresh.texts["value"] == "0", "a reload gives a fresh instance"
+    assert Page(c, "/state").texts["from-route"] == "'still-here'"
+    assert pid is None or fresh.texts.get("pid") != pid
+
+
+def test_inactivity_timeout_ends_the_process(server, new_client):
+    c = new_client()
+    page = Page(c, "/inactive")
+    with page.ws() as ws:
+        assert texts_of(click(ws, page, "inc"))["value"] == "1"
+        msg = recv_json(ws, timeout=30)  # nothing more is sent: the process says bye
+    assert msg["asgi_htag"] == "gone"
+    assert Page(c, "/inactive").texts["value"] == "0"
+
+
+def test_resync_after_reconnect_redraws_missed_pushes(server, new_client):
+    page = Page(new_client(), "/")
+    with page.ws() as ws:
+        click(ws, page, "inc")
+    with page.ws(resync=True) as ws:
+        assert texts_of(recv_json(ws))["value"] == "1"
