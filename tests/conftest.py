@@ -189,7 +189,13 @@ def loop(request) -> str:
     return request.param
 
 
-@pytest.fixture(scope="session")
+def pytest_collection_modifyitems(config, items):
+    # Playwright's sync API keeps an event loop running in the main thread while a browser
+    # is open; run the browser tests last so that other tests can use anyio.run freely.
+    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)
+
+
+@pytest.fixture(scope="module")
 def browser():
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install -y chromium")

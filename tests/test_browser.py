@@ -1,0 +1,114 @@
+"""What a person sees, in a real headless Chromium against a real uvicorn."""
+import os
+import re
+import signal
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.server]
+
+
+def sel(name: str) -> str:
+    return f"[data-test={name}]"
+
+
+def test_click_counter(server, page):
+    page.goto(server.url + "/")
+    for expected in ("1", "2", "3"):
+        page.click(sel("inc"))
+        page.wait_for_selector(f"{sel('value')}:text-is('{expected}')")
+    page.reload()
+    assert page.text_content(sel("value")) == "3"
+
+
+def test_tag_update_from_background_task(server, page):
+    page.goto(server.url + "/pusher")
+    page.click(sel("start"))
+    page.wait_for_selector(f"{sel('ticks')}:text-is('3')")
+    page.wait_for_selector(f"{sel('update-result')}:text-is('True')")
+
+
+def test_http_only_clicks(server, page):
+    page.goto(server.url + "/http")
+    posts = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    page.click(sel("inc"))
+    page.wait_for_selector(f"{sel('value')}:text-is('1')")
+    page.click(sel("inc"))
+    page.wait_for_selector(f"{sel('value')}:text-is('2')")
+    assert len(posts) == 2 and all("/interact" in u for u in posts)
+
+
+def test_query_params_rebuild_instance(server, page):
+    page.goto(server.url + "/query?john&age=12")
+    assert page.text_content(sel("args")) == "('john',)"
+    assert page.text_content(sel("kargs")) == "[('age', '12')]"
+    page.click(sel("inc"))
+    page.wait_for_selector(f"{sel('value')}:text-is('1')")
+    page.goto(server.url + "/query?bob")
+    assert page.text_content(sel("args")) == "('bob',)"
+    assert page.text_content(sel("value")) == "0"
+
+
+def test_two_browser_contexts_are_independent(server, browser):
+    a_ctx, b_ctx = browser.new_context(), browser.new_context()
+    try:
+        a, b = a_ctx.new_page(), b_ctx.new_page()
+        a.goto(server.url + "/")
+        b.goto(server.url + "/")
+        assert a.text_content(sel("pid")) != b.text_content(sel("pid"))
+        for _ in range(2):
+            a.click(sel("inc"))
+        a.wait_for_selector(f"{sel('value')}:text-is('2')")
+        b.click(sel("inc"))
+        b.wait_for_selector(f"{sel('value')}:text-is('1')")
+        a.reload()
+        assert a.text_content(sel("value")) == "2"
+    finally:
+        a_ctx.close()
+        b_ctx.close()
+
+
+def test_session_between_route_and_app(server, page):
+    page.goto(server.url + "/set?v=from-browser")
+    page.goto(server.url + "/state")
+    assert page.text_content(sel("from-route")) == "'from-browser'"
+    page.click(sel("write"))
+    page.click(sel("state"))
+    page.wait_for_selector(f"{sel('statev')}:text-is('1')")
+    page.goto(server.url + "/get")
+    assert '"from_app":"written-by-app"' in page.text_content("body").replace(" ", "")
+
+
+def test_killed_process_shows_notice_and_reload_gives_fresh_instance(server, page):
+    page.goto(server.url + "/")
+    page.click(sel("inc"))
+    page.wait_for_selector(f"{sel('value')}:text-is('1')")
+    os.kill(int(page.text_content(sel("pid"))), signal.SIGKILL)
+    notice = page.wait_for_selector("#asgi-htag-notice")
+    assert "Reload" in notice.text_content()
+    page.reload()
+    assert page.text_content(sel("value")) == "0"
+
+
+def test_interaction_timeout_message(server, page):
+    page.goto(server.url + "/slow")
+    page.click(sel("slow"))
+    notice = page.wait_for_selector("#asgi-htag-notice", timeout=30000)
+    assert re.search(r"took too long \(limit: 1 s\)", notice.text_content())
+    page.reload()
+    page.click(sel("inc"))
+    page.wait_for_selector(f"{sel('value')}:text-is('1')")
+
+
+def test_mounted_under_ui_in_starlette(make_server, page):
+    srv = make_server("tests.servers.mounted:app")
+    page.goto(srv.url + "/ui/")
+    ws_urls = []
+    page.on("websocket", lambda ws: ws_urls.append(ws.url))
+    page.goto(srv.url + "/ui/")
+    page.click(sel("inc"))
+    page.wait_for_selector(f"{sel('value')}:text-is('1')")
+    assert ws_urls and all("/ui/_htag/" in u for u in ws_urls)
+    page.goto(srv.url + "/")
+    assert page.text_content("body") == "home"
