@@ -112,3 +112,29 @@ def test_mounted_under_ui_in_starlette(make_server, page):
     assert ws_urls and all("/ui/_htag/" in u for u in ws_urls)
     page.goto(srv.url + "/")
     assert page.text_content("body") == "home"
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_page_reconnects_after_its_worker_is_killed(make_server, page, loop):
+    srv = make_server(kind="gunicorn", workers=2, loop=loop, extra=["--preload"], env={"TEST_ZYGOTE_GRACE": "5"})
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    handshakes = []
+    cdp.on("Network.webSocketHandshakeResponseReceived", lambda e: handshakes.append(e["response"]["headers"]))
+    page.goto(srv.url + "/")
+    pid = page.text_content(sel("pid"))
+    page.click(sel("inc"))
+    page.wait_for_selector(f"{sel('value')}:text-is('1')")
+    worker = int({k.lower(): v for k, v in handshakes[-1].items()}["x-worker-pid"])
+    os.kill(worker, signal.SIGKILL)
+    # the page reconnects by itself (to another worker) and the instance is still there
+    for _ in range(150):  # bounded: the page's backoff retries within a few seconds
+        if len(handshakes) >= 2:
+            break
+        page.wait_for_timeout(100)
+    assert len(handshakes) >= 2, "the page should have reconnected"
+    new_worker = int({k.lower(): v for k, v in handshakes[-1].items()}["x-worker-pid"])
+    assert new_worker != worker
+    page.click(sel("inc"))
+    page.wait_for_selector(f"{sel('value')}:text-is('2')")
+    assert page.text_content(sel("pid")) == pid

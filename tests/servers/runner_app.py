@@ -1,17 +1,41 @@
 """The Runner used by the server-level tests (served by a real uvicorn/gunicorn)."""
 import os
 
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 
 from asgi_htag import Runner
 from tests import apps
 
+class WorkerPid:
+    """Tells the tests which worker answered: an x-worker-pid header on every HTTP response
+    and on every websocket handshake."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        pid = str(os.getpid()).encode()
+
+        async def send_with_pid(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + [(b"x-worker-pid", pid)]
+            elif message["type"] == "websocket.accept":
+                message["headers"] = list(message.get("headers", [])) + [(b"x-worker-pid", pid)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_pid)
+
+
 app = Runner(
     apps.Counter,
     max_processes=int(os.environ.get("TEST_MAX_PROCESSES", "1000")),
     zygote_grace_seconds=float(os.environ.get("TEST_ZYGOTE_GRACE", "1")),
     debug=os.environ.get("TEST_DEBUG") == "1",
+    middleware=[Middleware(WorkerPid)],
 )
 
 
