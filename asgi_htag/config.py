@@ -90,7 +90,10 @@ def ensure_private_dir(path: PathLike) -> Path:
         ConfigurationError: the directory belongs to another user or is open to others.
     """
     p = Path(path)
-    p.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        p.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError as exc:
+        raise ConfigurationError(f"{p} exists and is not a directory") from exc
     st = os.lstat(p)
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigurationError(f"{p} exists and is not a directory")

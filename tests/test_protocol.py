@@ -3,6 +3,7 @@ HTTP and websocket clients, one OS process per session."""
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -223,3 +224,100 @@ def test_resync_after_reconnect_redraws_missed_pushes(server, new_client):
         click(ws, page, "inc")
     with page.ws(resync=True) as ws:
         assert texts_of(recv_json(ws))["value"] == "1"
+
+
+def test_tag_update_returns_false_in_http_only(server, new_client):
+    import time
+
+    c = new_client()
+    page = Page(c, "/pusher-http")
+    assert page.post(page.call("start")).status_code == 200
+    # the background task cannot push; what it did is visible on the next render
+    for _ in range(100):  # bounded wait for the task's three ticks
+        again = Page(c, "/pusher-http")
+        if again.texts["ticks"] == "3":
+            break
+        time.sleep(0.05)
+    assert again.texts["ticks"] == "3"
+    assert again.texts["update-result"] == "False"
+
+
+def _tcp_inodes():
+    inodes = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            inodes.add(line.split()[9])
+    return inodes
+
+
+def test_per_session_processes_hold_no_client_socket(server, new_client):
+    from tests.conftest import pids_in_runtime
+
+    page = Page(new_client(), "/")
+    with page.ws() as ws:
+        click(ws, page, "inc")
+        tcp = _tcp_inodes()
+        worker_pid = server.proc.pid
+        checked = 0
+        for pid in pids_in_runtime(server.runtime_dir):
+            if pid == worker_pid:
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    assert target[8:-1] not in tcp, f"process {pid} holds a TCP socket"
+            checked += 1
+        assert checked >= 2, "the zygote and at least one per-session process were checked"
+
+
+def test_runtime_dir_is_private_and_socket_names_are_hashes(server, new_client):
+    import re
+    import stat
+
+    c = new_client()
+    Page(c, "/")
+    mode = stat.S_IMODE(os.stat(server.runtime_dir).st_mode)
+    assert mode == 0o700
+    cookie_values = [ck.value for ck in c.cookies.jar]
+    names = os.listdir(server.runtime_dir)
+    socks = [n for n in names if n.endswith(".s") and n != "zygote.s"]
+    assert socks and all(re.fullmatch(r"[0-9a-f]{20}\.s", n) for n in socks)
+    for value in cookie_values:
+        sid = value.split(".")[0]
+        assert not any(sid in n for n in names)
+
+
+def test_pool_full_gives_503_and_existing_users_carry_on(make_server, loop):
+    import httpx
+
+    srv = make_server(loop=loop, env={"TEST_MAX_PROCESSES": "2"})
+    clients = [httpx.Client(base_url=srv.url, timeout=30) for _ in range(3)]
+    try:
+        a, b = Page(clients[0], "/"), Page(clients[1], "/")
+        assert a.status == b.status == 200
+        full = Page(clients[2], "/")
+        assert full.status == 503 and "busy" in full.html.lower()
+        with a.ws() as ws:
+            assert texts_of(click(ws, a, "inc"))["value"] == "1"
+        assert Page(clients[1], "/").texts["pid"] == b.texts["pid"]
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_debug_mode_shows_the_traceback(make_server, loop):
+    import httpx
+
+    srv = make_server(loop=loop, env={"TEST_DEBUG": "1"})
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        page = Page(c, "/crashy")
+        with page.ws() as ws:
+            reply = click(ws, page, "boom")
+    assert "Traceback" in reply["err"] and "ValueError: boom in the app" in reply["err"]

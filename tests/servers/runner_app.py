@@ -43,6 +43,10 @@ async def pusher(request: Request):
     return await request.app.handle(request, apps.Pusher)
 
 
+async def pusher_http(request: Request):
+    return await request.app.handle(request, apps.Pusher, http_only=True)
+
+
 async def http_counter(request: Request):
     return await request.app.handle(request, apps.Counter, http_only=True)
 
@@ -82,6 +86,7 @@ async def stats(request: Request):
 
 app.add_route("/pusher", pusher)
 app.add_route("/http", http_counter)
+app.add_route("/pusher-http", pusher_http)
 app.add_route("/query", query)
 app.add_route("/state", state)
 app.add_route("/slow", slow)

@@ -1,0 +1,83 @@
+"""State and runtime directories, and the shared signing secret."""
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from asgi_htag.config import (
+    ENV_SECRET,
+    Secret,
+    check_runtime_dir,
+    default_runtime_dir,
+    ensure_private_dir,
+    load_secret,
+)
+from asgi_htag.exceptions import ConfigurationError
+
+
+def test_secret_is_made_once_with_mode_0600_and_shared(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_SECRET, raising=False)
+    s1 = load_secret(tmp_path / "state")
+    path = tmp_path / "state" / "secret"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
+    s2 = load_secret(tmp_path / "state")
+    assert bytes(s1) == bytes(s2)
+    # another process (another worker) reads the same secret
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys;from asgi_htag.config import load_secret;"
+         "sys.stdout.write(bytes(load_secret(sys.argv[1])).decode())", str(tmp_path / "state")],
+        capture_output=True, text=True, check=True, env={k: v for k, v in os.environ.items() if k != ENV_SECRET},
+    )
+    assert out.stdout == bytes(s1).decode()
+
+
+def test_secret_from_argument_and_env(tmp_path, monkeypatch):
+    assert bytes(load_secret(tmp_path, "x" * 20)) == b"x" * 20
+    monkeypatch.setenv(ENV_SECRET, "y" * 32)
+    assert bytes(load_secret(tmp_path)) == b"y" * 32
+    assert not (tmp_path / "secret").exists()
+
+
+def test_secret_never_shows_itself():
+    s = Secret("supersecretvalue-123456")
+    assert "supersecret" not in repr(s) and "supersecret" not in str(s) and "supersecret" not in f"{s}"
+
+
+@pytest.mark.parametrize("value", ["", "short", b"1234567890"])
+def test_short_secret_is_refused(value):
+    with pytest.raises(ConfigurationError, match="at least 16 bytes"):
+        Secret(value)
+
+
+def test_truncated_secret_file_is_reported(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_SECRET, raising=False)
+    d = ensure_private_dir(tmp_path / "s")
+    (d / "secret").write_bytes(b"abc")
+    with pytest.raises(ConfigurationError, match="truncated"):
+        load_secret(d)
+
+
+def test_runtime_dir_checks(tmp_path):
+    d = tmp_path / "rt"
+    d.mkdir(mode=0o755)
+    os.chmod(d, 0o755)
+    ensure_private_dir(d)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    long = tmp_path / ("x" * 80)
+    with pytest.raises(ConfigurationError, match="too long"):
+        check_runtime_dir(long)
+    f = tmp_path / "file"
+    f.write_text("")
+    with pytest.raises(ConfigurationError, match="not a directory"):
+        ensure_private_dir(f)
+
+
+def test_default_runtime_dir_is_short_and_per_state_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("ASGI_HTAG_RUNTIME_DIR", raising=False)
+    a = default_runtime_dir(tmp_path / "a")
+    b = default_runtime_dir(tmp_path / "b")
+    assert a != b and len(os.fsencode(a)) <= 70
+    assert default_runtime_dir(tmp_path / "a") == a
