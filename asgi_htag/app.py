@@ -43,6 +43,7 @@ class AppOptions:
     """Per-app settings; they travel to the app's processes."""
 
     http_only: bool = False
+    parano: bool = False
     debug: bool = False
     timeout_interaction: float = 60.0
     timeout_inactivity: float = 0.0
@@ -262,6 +263,7 @@ class Engine:
                 "ws": f"{root}/_htag/{app_id}/ws",
                 "post": f"{root}/_htag/{app_id}/interact",
                 "token": info["token"],
+                "parano": opts.parano,
             }
             page = reply["html"].replace(_CFG_PLACEHOLDER, _script_json(cfg), 1)
             logger.info(
@@ -306,7 +308,7 @@ class Engine:
             if len(body) > self.max_message_bytes:
                 await _send_json(send, 413, {"asgi_htag": "error", "message": "interaction too large"})
                 return
-        data, error = _parse_interaction(bytes(body))
+        out, error = _browser_frame(bytes(body))
         if error:
             await _send_json(send, 400, {"asgi_htag": "error", "message": error})
             return
@@ -322,8 +324,10 @@ class Engine:
         except ProcessGone:
             await _send_json(send, 200, _GONE)
             return
+        out["token"] = token
+        out["session"] = dict(session)
         try:
-            reply = await conn.request({"t": "interact", "token": token, "data": data, "session": dict(session)})
+            reply = await conn.request(out)
         except ProcessGone:
             await conn.aclose()
             await _send_json(send, 200, _dead_message(True))
@@ -339,7 +343,7 @@ class Engine:
         diff = reply.get("diff")
         if diff:
             await session.apply_changes(diff.get("set") or {}, diff.get("del") or [])
-        await _send_json(send, 200, reply.get("actions") or {})
+        await _send_json(send, 200, _to_page(reply))
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send, app_id: str) -> None:
         message = await receive()
@@ -376,6 +380,7 @@ class Engine:
         session = self.session_of(scope)
         token = _query_value(scope, "t")
         resync = _query_value(scope, "resync") == "1"
+        page_id = _query_value(scope, "k")
         if session.sid is None or not APP_ID_RE.match(app_id) or not token:
             await ws_send(_GONE)
             await ws_close(4001)
@@ -391,7 +396,9 @@ class Engine:
         try:
             await session.reload()
             try:
-                reply = await conn.request({"t": "subscribe", "token": token, "resync": resync, "session": dict(session)})
+                reply = await conn.request(
+                    {"t": "subscribe", "token": token, "resync": resync, "k": page_id, "session": dict(session)}
+                )
             except (ProcessGone, ProtocolError):
                 reply = {"t": "gone"}
             if reply.get("t") != "subscribed":
@@ -399,8 +406,8 @@ class Engine:
                 await ws_close(4001)
                 return
             timeout_interaction = reply.get("timeout_interaction") or 0
-            if reply.get("actions"):
-                await ws_send(reply["actions"])
+            if reply.get("actions") or reply.get("enc"):
+                await ws_send(_to_page(reply))
             logger.debug("websocket of session %s subscribed to process %s", session.sid[:6], reply.get("pid"))
 
             async with anyio.create_task_group() as tg:
@@ -414,17 +421,15 @@ class Engine:
                             if diff:
                                 await session.apply_changes(diff.get("set") or {}, diff.get("del") or [])
                             t = frame.get("t")
-                            if t == "actions":
+                            if t in ("actions", "error"):
                                 pending = max(0, pending - 1)
-                                await ws_send(frame.get("actions") or {})
-                            elif t == "push":
-                                await ws_send(frame.get("actions") or {})
+                                await ws_send(_to_page(frame))
+                            elif t in ("push", "hello"):
+                                await ws_send(_to_page(frame))
                             elif t in ("bye", "gone"):
                                 await ws_send(_GONE)
                                 await ws_close(4001)
                                 break
-                            elif t == "error":
-                                await ws_send({"asgi_htag": "error", "message": frame.get("message", "")})
                     except ProcessGone:
                         logger.warning("process of session %s died (interaction pending: %s)", session.sid[:6] if session.sid else "-", bool(pending))
                         await ws_send(_dead_message(bool(pending), timeout_interaction))
@@ -456,14 +461,17 @@ class Engine:
                     if size > self.max_message_bytes:
                         await ws_send({"asgi_htag": "error", "message": "interaction too large"})
                         continue
-                    data, error = _parse_interaction(payload)
+                    out, error = _browser_frame(payload)
                     if error:
                         await ws_send({"asgi_htag": "error", "message": error})
                         continue
-                    await session.reload()
-                    pending += 1
+                    out["token"] = token
+                    if out["t"] == "interact":
+                        await session.reload()
+                        out["session"] = dict(session)
+                        pending += 1
                     try:
-                        await conn.send({"t": "interact", "token": token, "data": data, "session": dict(session)})
+                        await conn.send(out)
                     except ProcessGone:
                         break  # from_process reports it
                 tg.cancel_scope.cancel()
@@ -484,16 +492,40 @@ def _dead_message(pending: bool, timeout: float = 0) -> Dict[str, Any]:
     return {"asgi_htag": "dead", "message": text}
 
 
-def _parse_interaction(payload: Union[str, bytes]) -> Tuple[Dict[str, Any], Optional[str]]:
+def _browser_frame(payload: Union[str, bytes]) -> Tuple[Dict[str, Any], Optional[str]]:
+    """Turn what a page sent into a frame for its process, or an error message.
+
+    A page sends an htag interaction ``{"id", "method", ...}``, or in parano mode a key
+    agreement ``{"hello": pub, "k": page id}`` or an envelope ``{"p": ..., "k": page id}``.
+    """
     try:
         data = json.loads(payload)
     except (ValueError, UnicodeDecodeError):
         return {}, "interaction is not valid JSON"
     if not isinstance(data, dict):
         return {}, "interaction must be a JSON object"
+    if "hello" in data:
+        if not isinstance(data["hello"], str) or not isinstance(data.get("k"), str):
+            return {}, "malformed key agreement"
+        return {"t": "hello", "pub": data["hello"], "k": data["k"]}, None
+    if "p" in data:
+        if not isinstance(data["p"], str) or not isinstance(data.get("k"), str):
+            return {}, "malformed encrypted interaction"
+        return {"t": "interact", "enc": data["p"], "k": data["k"]}, None
     if "id" not in data or "method" not in data:
         return {}, "interaction needs 'id' and 'method'"
-    return data, None
+    return {"t": "interact", "data": data}, None
+
+
+def _to_page(frame: Dict[str, Any]) -> Any:
+    """What a process frame becomes for the page."""
+    if "enc" in frame:
+        return {"p": frame["enc"]}
+    if frame.get("t") == "hello":
+        return {"asgi_htag": "hello", "pub": frame.get("pub")}
+    if frame.get("t") == "error":
+        return {"asgi_htag": "error", "message": frame.get("message", "")}
+    return frame.get("actions") or {}
 
 
 def _query_value(scope: Scope, name: str) -> Optional[str]:
@@ -535,6 +567,7 @@ class HtagASGI:
     Args:
         obj: a ``htag.Tag`` subclass, or a ``"module:Class"`` / ``"module.Class"`` string.
         http_only: interactions over HTTP POST instead of a websocket (no ``tag.update()``).
+        parano: encrypt every interaction and push payload (AES-GCM, key agreed per page).
         debug: show Python tracebacks in the page.
         timeout_interaction: seconds an interaction (or the instance creation) may run
             before its process is killed; 0 disables.
@@ -551,6 +584,7 @@ class HtagASGI:
         obj: Any,
         *,
         http_only: bool = False,
+        parano: bool = False,
         debug: bool = False,
         timeout_interaction: float = 60,
         timeout_inactivity: float = 0,
@@ -559,7 +593,11 @@ class HtagASGI:
     ) -> None:
         self.ref = app_reference(obj)
         self.options = AppOptions(
-            http_only=http_only, debug=debug, timeout_interaction=timeout_interaction, timeout_inactivity=timeout_inactivity
+            http_only=http_only,
+            parano=parano,
+            debug=debug,
+            timeout_interaction=timeout_interaction,
+            timeout_inactivity=timeout_inactivity,
         )
         self.engine = engine or Engine(**engine_options)
         self._with_session: Optional[Any] = None

@@ -56,6 +56,7 @@ class Runner(Starlette):
         obj: the app served at ``/`` (a Tag subclass or a "module:Class" string), or None.
         host, port: where :meth:`run` listens.
         debug: Python tracebacks in the page (and Starlette's debug mode).
+        parano: encrypt every interaction and push payload (see asgi_htag.crypto).
         http_only, timeout_interaction, timeout_inactivity: defaults for every app served;
             :meth:`handle` can override them per route.
         routes, middleware: more Starlette routes and middleware (they run inside the
@@ -71,6 +72,7 @@ class Runner(Starlette):
         host: str = "0.0.0.0",
         port: int = 8000,
         debug: bool = False,
+        parano: bool = False,
         http_only: bool = False,
         timeout_interaction: float = 60,
         timeout_inactivity: float = 0,
@@ -82,7 +84,11 @@ class Runner(Starlette):
         self.server_host = host
         self.server_port = port
         self.defaults = AppOptions(
-            http_only=http_only, debug=debug, timeout_interaction=timeout_interaction, timeout_inactivity=timeout_inactivity
+            http_only=http_only,
+            parano=parano,
+            debug=debug,
+            timeout_interaction=timeout_interaction,
+            timeout_inactivity=timeout_inactivity,
         )
         self._refs: List[str] = []
         all_routes: List[BaseRoute] = [
@@ -119,6 +125,7 @@ class Runner(Starlette):
         obj: Any,
         *,
         http_only: Optional[bool] = None,
+        parano: Optional[bool] = None,
         debug: Optional[bool] = None,
         timeout_interaction: Optional[float] = None,
         timeout_inactivity: Optional[float] = None,
@@ -129,7 +136,11 @@ class Runner(Starlette):
         overrides = {
             k: v
             for k, v in dict(
-                http_only=http_only, debug=debug, timeout_interaction=timeout_interaction, timeout_inactivity=timeout_inactivity
+                http_only=http_only,
+                parano=parano,
+                debug=debug,
+                timeout_interaction=timeout_interaction,
+                timeout_inactivity=timeout_inactivity,
             ).items()
             if v is not None
         }

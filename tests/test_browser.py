@@ -138,3 +138,27 @@ def test_page_reconnects_after_its_worker_is_killed(make_server, page, loop):
     page.click(sel("inc"))
     page.wait_for_selector(f"{sel('value')}:text-is('2')")
     assert page.text_content(sel("pid")) == pid
+
+
+def test_parano_clicks_and_pushes_are_encrypted_on_the_wire(server, page):
+    frames = []
+    page.on("websocket", lambda ws: (ws.on("framereceived", lambda f: frames.append(f)),
+                                     ws.on("framesent", lambda f: frames.append(f))))
+    page.goto(server.url + "/parano")
+    assert "parano" not in (page.evaluate("() => Object.keys(window).join(',')") or "")
+    for expected in ("1", "2"):
+        page.click(sel("inc"))
+        page.wait_for_selector(f"{sel('value')}:text-is('{expected}')")
+    payloads = [f if isinstance(f, str) else f.decode() for f in frames]
+    assert payloads and not any('"update"' in p or '"method"' in p for p in payloads)
+    page.goto(server.url + "/parano-pusher")
+    page.click(sel("start"))
+    page.wait_for_selector(f"{sel('ticks')}:text-is('3')")
+
+
+def test_parano_http_only_clicks(server, page):
+    page.goto(server.url + "/parano-http")
+    page.click(sel("inc"))
+    page.wait_for_selector(f"{sel('value')}:text-is('1')")
+    page.click(sel("inc"))
+    page.wait_for_selector(f"{sel('value')}:text-is('2')")

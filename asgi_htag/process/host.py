@@ -20,6 +20,8 @@ import logging
 import os
 import signal
 import traceback
+import re
+from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ..exceptions import ProtocolError
@@ -28,6 +30,8 @@ from . import wire
 logger = logging.getLogger(__name__)
 
 _HEADER_SIZE = wire.HEADER_SIZE
+_PAGE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_MAX_PAGE_KEYS = 32
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 # (id(tag or generator), method name) pairs the page has been offered. One HRenderer per
@@ -134,7 +138,10 @@ class AppHost:
         self.timeout_inactivity: float = float(opts.get("timeout_inactivity") or 0)
         self.max_frame_bytes: int = int(opts.get("max_frame_bytes") or wire.DEFAULT_MAX_FRAME_BYTES)
         self.session = SyncedSession(spec.get("session") or {})
-        self.subscribers: Set[asyncio.StreamWriter] = set()
+        # subscribed connection -> the page id it speaks for (parano keys are per page)
+        self.subscribers: Dict[asyncio.StreamWriter, Optional[str]] = {}
+        self.parano: bool = bool(opts.get("parano"))
+        self.keys: "OrderedDict[str, Any]" = OrderedDict()
         self.lock = asyncio.Lock()
         self.stopping = asyncio.Event()
         self._inactivity_handle: Optional[asyncio.TimerHandle] = None
@@ -189,16 +196,26 @@ class AppHost:
     async def _sendactions(self, actions: Dict[str, Any]) -> bool:
         if self.http_only or not self.subscribers:
             return False
-        frame = {"t": "push", "actions": actions, "diff": self.session.take_diff()}
-        data = wire.encode(frame, self.max_frame_bytes)
+        diff = self.session.take_diff()
+        plain: Optional[bytes] = None
         delivered = False
-        for writer in list(self.subscribers):
+        for writer, page in list(self.subscribers.items()):
+            if self.parano:
+                key = self.keys.get(page or "")
+                if key is None:
+                    continue  # this page has not agreed a key yet: it gets nothing in clear
+                data = wire.encode({"t": "push", "enc": key.seal(actions), "diff": diff}, self.max_frame_bytes)
+            else:
+                if plain is None:
+                    plain = wire.encode({"t": "push", "actions": actions, "diff": diff}, self.max_frame_bytes)
+                data = plain
+            diff = None  # one worker applying it is enough
             try:
                 writer.write(data)
                 await writer.drain()
                 delivered = True
             except (ConnectionError, RuntimeError):
-                self.subscribers.discard(writer)
+                self.subscribers.pop(writer, None)
         return delivered
 
     async def say_bye(self) -> None:
@@ -290,8 +307,46 @@ class AppHost:
         except asyncio.CancelledError:
             return  # the process is stopping; nothing is waiting for this task's result
         finally:
-            self.subscribers.discard(writer)
+            self.subscribers.pop(writer, None)
             writer.close()
+
+    def _hello(self, frame: Dict[str, Any], writer: asyncio.StreamWriter) -> Dict[str, Any]:
+        from ..crypto import PageKey
+
+        if not self.parano:
+            return {"t": "error", "message": "this app is not in parano mode"}
+        page = frame.get("k")
+        if not isinstance(page, str) or not _PAGE_ID_RE.match(page):
+            return {"t": "error", "message": "invalid page id"}
+        try:
+            key, pub = PageKey.agree(frame.get("pub"), self.token.encode())  # type: ignore[arg-type]
+        except ProtocolError as exc:
+            return {"t": "error", "message": str(exc)}
+        self.keys[page] = key
+        self.keys.move_to_end(page)
+        while len(self.keys) > _MAX_PAGE_KEYS:
+            self.keys.popitem(last=False)
+        if writer in self.subscribers:
+            self.subscribers[writer] = page
+        return {"t": "hello", "pub": pub}
+
+    async def _interact_frame(self, frame: Dict[str, Any]) -> Dict[str, Any]:
+        if not self.parano:
+            if "enc" in frame:
+                return {"t": "error", "message": "this app does not take encrypted interactions"}
+            return await self.interact(frame)
+        if "enc" not in frame:
+            return {"t": "error", "message": "interaction refused: this app only takes encrypted interactions"}
+        key = self.keys.get(frame.get("k") or "")
+        if key is None:
+            return {"t": "error", "message": "no key agreed for this page; reload it"}
+        try:
+            data = key.open(frame["enc"])
+        except ProtocolError as exc:
+            logger.warning("process %s: refused an encrypted interaction: %s", os.getpid(), exc)
+            return {"t": "error", "message": f"interaction refused: {exc}"}
+        reply = await self.interact({"data": data, "session": frame.get("session")})
+        return {"t": "actions", "enc": key.seal(reply["actions"]), "diff": reply["diff"]}
 
     async def _dispatch(self, frame: Dict[str, Any], writer: asyncio.StreamWriter) -> Optional[Dict[str, Any]]:
         t = frame.get("t")
@@ -299,24 +354,30 @@ class AppHost:
             return {"t": "gone"}
         try:
             if t == "interact":
-                return await self.interact(frame)
+                return await self._interact_frame(frame)
             if t == "render":
                 return await self.render(frame)
+            if t == "hello":
+                return self._hello(frame, writer)
             if t == "subscribe":
                 if self.http_only:
                     return {"t": "error", "message": "this app is served in http_only mode"}
-                self.subscribers.add(writer)
-                actions = None
+                page = frame.get("k") if isinstance(frame.get("k"), str) else None
+                self.subscribers[writer] = page
+                reply: Dict[str, Any] = {
+                    "t": "subscribed",
+                    "timeout_interaction": self.timeout_interaction,
+                    "pid": os.getpid(),
+                }
                 if frame.get("resync"):
                     async with self.lock:
                         self.session.sync(frame.get("session") or {})
                         actions = self.resync_actions()
-                return {
-                    "t": "subscribed",
-                    "actions": actions,
-                    "timeout_interaction": self.timeout_interaction,
-                    "pid": os.getpid(),
-                }
+                    if not self.parano:
+                        reply["actions"] = actions
+                    elif page in self.keys:
+                        reply["enc"] = self.keys[page].seal(actions)
+                return reply
             if t == "ping":
                 return {"t": "pong", "pid": os.getpid()}
             return {"t": "error", "message": f"unknown frame type {t!r}"}

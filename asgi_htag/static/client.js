@@ -5,6 +5,63 @@ var __asgi_htag = (function () {
   var cfg = /*ASGI_HTAG_CFG*/null;
   var ws = null, started = false, attempts = 0, finished = false, queue = [], everOpened = false;
 
+  // --- parano: ECDH (P-256) key agreement per page, AES-256-GCM envelopes -------------
+  var te = new TextEncoder(), td = new TextDecoder();
+  var pageId = null, keyPair = null, aesKey = null, seq = 0, chain = Promise.resolve();
+  var keyReady = null, resolveKey = null;
+  keyReady = new Promise(function (resolve) { resolveKey = resolve; });
+  if (cfg.parano) {
+    var rnd = new Uint8Array(18);
+    crypto.getRandomValues(rnd);
+    pageId = b64(rnd).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  }
+  function b64(buf) {
+    var bytes = new Uint8Array(buf), s = "";
+    for (var i = 0; i < bytes.length; i++) s += String.fromCharCode(bytes[i]);
+    return btoa(s);
+  }
+  function unb64(str) {
+    var s = atob(str), bytes = new Uint8Array(s.length);
+    for (var i = 0; i < s.length; i++) bytes[i] = s.charCodeAt(i);
+    return bytes;
+  }
+  async function myPublicKey() {
+    if (!window.crypto || !crypto.subtle) throw new Error("parano mode needs a secure context (https or localhost)");
+    keyPair = await crypto.subtle.generateKey({name: "ECDH", namedCurve: "P-256"}, false, ["deriveBits"]);
+    return b64(await crypto.subtle.exportKey("raw", keyPair.publicKey));
+  }
+  async function agree(serverPub) {
+    var spub = await crypto.subtle.importKey("raw", unb64(serverPub), {name: "ECDH", namedCurve: "P-256"}, false, []);
+    var bits = await crypto.subtle.deriveBits({name: "ECDH", public: spub}, keyPair.privateKey, 256);
+    var hk = await crypto.subtle.importKey("raw", bits, "HKDF", false, ["deriveKey"]);
+    aesKey = await crypto.subtle.deriveKey(
+      {name: "HKDF", hash: "SHA-256", salt: te.encode(cfg.token), info: te.encode("asgi_htag parano v1")},
+      hk, {name: "AES-GCM", length: 256}, false, ["encrypt", "decrypt"]);
+  }
+  async function seal(o) {
+    await keyReady; // a click before the key agreement finished waits for it
+    seq += 1;
+    var iv = new Uint8Array(12);
+    crypto.getRandomValues(iv);
+    var ct = await crypto.subtle.encrypt({name: "AES-GCM", iv: iv, additionalData: te.encode("asgi_htag c2s")},
+      aesKey, te.encode(JSON.stringify({n: seq, o: o})));
+    var out = new Uint8Array(12 + ct.byteLength);
+    out.set(iv, 0); out.set(new Uint8Array(ct), 12);
+    return JSON.stringify({k: pageId, p: b64(out)});
+  }
+  async function unseal(p) {
+    await keyReady;
+    var blob = unb64(p);
+    var plain = await crypto.subtle.decrypt({name: "AES-GCM", iv: blob.slice(0, 12), additionalData: te.encode("asgi_htag s2c")},
+      aesKey, blob.slice(12));
+    return JSON.parse(td.decode(plain));
+  }
+  // keep frames in order although WebCrypto is asynchronous
+  function inOrder(fn) {
+    chain = chain.then(fn).catch(function (e) { notice("Secure channel error: " + e, true); });
+    return chain;
+  }
+
   function notice(text, withReload) {
     var d = document.getElementById("asgi-htag-notice");
     if (!d) {
@@ -44,6 +101,13 @@ var __asgi_htag = (function () {
     } else if (kind === "error") {
       if (window.error) window.error("SERVER ERROR: " + o.message);
       else notice(o.message, false);
+    } else if (kind === "hello") {
+      // not through inOrder: queued clicks wait on keyReady, which this resolves
+      agree(o.pub).then(function () {
+        resolveKey();
+        flush();
+        startOnce();
+      }, function (e) { notice("Secure channel error: " + e, true); });
     } else if (kind === "busy") {
       finished = true;
       notice(o.message || "The server is busy, try again later.", true);
@@ -59,25 +123,43 @@ var __asgi_htag = (function () {
   }
 
   function deliver(o) {
-    if (!control(o)) action(o);
+    if (control(o)) return;
+    if (cfg.parano) {
+      if (!o || typeof o.p !== "string") return; // nothing is accepted in clear
+      inOrder(async function () { action(await unseal(o.p)); });
+    } else {
+      action(o);
+    }
+  }
+
+  function flush() {
+    if (!ws || ws.readyState !== 1) return;
+    var pending = queue; queue = [];
+    pending.forEach(function (m) { ws.send(m); });
   }
 
   function connect() {
     if (finished) return;
     var url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + cfg.ws +
-      "?t=" + encodeURIComponent(cfg.token) + (everOpened ? "&resync=1" : "");
+      "?t=" + encodeURIComponent(cfg.token) + (everOpened ? "&resync=1" : "") +
+      (pageId ? "&k=" + pageId : "");
     ws = new WebSocket(url);
     ws.onopen = function () {
       attempts = 0;
       everOpened = true;
       clearNotice();
-      var pending = queue; queue = [];
-      pending.forEach(function (m) { ws.send(m); });
+      if (cfg.parano && !aesKey) {
+        var sock = ws;
+        myPublicKey().then(function (pub) { sock.send(JSON.stringify({hello: pub, k: pageId})); },
+                           function (e) { notice("Secure channel error: " + e, true); });
+        return; // interactions wait for the key (see control "hello")
+      }
+      flush();
       startOnce();
     };
     ws.onmessage = function (e) {
       var o;
-      try { o = JSON.parse(e.data); } catch (err) { action(e.data); return; }
+      try { o = JSON.parse(e.data); } catch (err) { if (!cfg.parano) action(e.data); return; }
       deliver(o);
     };
     ws.onclose = function () {
@@ -90,12 +172,12 @@ var __asgi_htag = (function () {
     };
   }
 
-  async function post(o) {
+  async function post(o, raw) {
     var r;
     try {
       r = await window.fetch(cfg.post + "?t=" + encodeURIComponent(cfg.token), {
         method: "POST", credentials: "same-origin",
-        headers: {"content-type": "application/json"}, body: JSON.stringify(o)
+        headers: {"content-type": "application/json"}, body: raw || JSON.stringify(o)
       });
     } catch (e) {
       notice("Cannot reach the server.", true);
@@ -108,13 +190,25 @@ var __asgi_htag = (function () {
 
   window.interact = function (o) {
     if (finished) return;
+    if (cfg.parano) {
+      return inOrder(async function () {
+        var m = await seal(o);
+        if (cfg.mode === "http") return post(null, m);
+        if (ws && ws.readyState === 1) ws.send(m); else queue.push(m);
+      });
+    }
     if (cfg.mode === "http") return post(o);
     var m = JSON.stringify(o);
     if (ws && ws.readyState === 1) ws.send(m); else queue.push(m);
   };
 
   if (cfg.mode === "http") {
-    startOnce();
+    if (cfg.parano) {
+      myPublicKey().then(function (pub) { return post(null, JSON.stringify({hello: pub, k: pageId})); },
+                         function (e) { notice("Secure channel error: " + e, true); });
+    } else {
+      startOnce();
+    }
   } else {
     connect();
   }

@@ -47,6 +47,18 @@ async def pusher_http(request: Request):
     return await request.app.handle(request, apps.Pusher, http_only=True)
 
 
+async def parano(request: Request):
+    return await request.app.handle(request, apps.Counter, parano=True)
+
+
+async def parano_http(request: Request):
+    return await request.app.handle(request, apps.Counter, parano=True, http_only=True)
+
+
+async def parano_pusher(request: Request):
+    return await request.app.handle(request, apps.Pusher, parano=True)
+
+
 async def http_counter(request: Request):
     return await request.app.handle(request, apps.Counter, http_only=True)
 
@@ -86,6 +98,9 @@ async def stats(request: Request):
 
 app.add_route("/pusher", pusher)
 app.add_route("/http", http_counter)
+app.add_route("/parano", parano)
+app.add_route("/parano-http", parano_http)
+app.add_route("/parano-pusher", parano_pusher)
 app.add_route("/pusher-http", pusher_http)
 app.add_route("/query", query)
 app.add_route("/state", state)
