@@ -112,3 +112,10 @@ class Crashy(Tag.body):
 
     def boom(self):
         raise ValueError("boom in the app")
+
+
+class SlowInit(Tag.body):
+    """Its creation blocks far longer than timeout_interaction."""
+
+    def init(self):
+        time.sleep(30)

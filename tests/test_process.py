@@ -1,0 +1,153 @@
+"""The fork server and the per-session processes, driven directly over their Unix sockets
+with well-formed and hostile frames."""
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from asgi_htag.exceptions import ProcessGone, ProcessStartError
+from asgi_htag.process.pool import PoolConfig, ProcessPool
+from tests.conftest import ROOT, pids_in_runtime
+
+OPTS = {"http_only": False, "debug": False, "timeout_interaction": 5, "timeout_inactivity": 0}
+KEY = "0123456789abcdef0123"
+
+
+@pytest.fixture
+def runtime():
+    d = Path(tempfile.mkdtemp(prefix="ahp-"))
+    os.chmod(d, 0o700)
+    yield d
+    for pid in pids_in_runtime(d):
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def run(fn, runtime, **cfg):
+    async def main():
+        pool = ProcessPool(PoolConfig(runtime_dir=runtime, grace_seconds=cfg.pop("grace", 1.0), **cfg))
+        try:
+            return await fn(pool)
+        finally:
+            await pool.aclose()
+
+    return anyio.run(main)
+
+
+def raw_exchange(path: str, data: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def frame(obj) -> bytes:
+    payload = json.dumps(obj).encode()
+    return struct.pack(">I", len(payload)) + payload
+
+
+def test_zygote_and_child_survive_hostile_frames(runtime):
+    async def scenario(pool):
+        info = await pool.spawn(KEY, "tests.apps:Counter", [[], {}], {}, OPTS)
+        zpath = str(runtime / "zygote.s")
+        cpath = pool.socket_path(KEY)
+        for junk in (struct.pack(">I", 2**31) + b"x", frame([1, 2]), struct.pack(">I", 5) + b"\xff\xfe\xfd{}",
+                     frame({"op": "nope"}), frame({"op": "spawn", "key": "../../etc/passwd"})):
+            await anyio.to_thread.run_sync(raw_exchange, zpath, junk)
+        for junk in (struct.pack(">I", 2**31), struct.pack(">I", 3) + b"{x}", frame({"t": "render", "token": "wrong"})):
+            await anyio.to_thread.run_sync(raw_exchange, cpath, junk)
+        stats = await pool.stats()
+        conn = await pool.acquire(KEY)
+        reply = await conn.request({"t": "render", "token": info["token"], "session": {}})
+        await pool.release(conn)
+        return stats, reply
+
+    stats, reply = run(scenario, runtime)
+    assert stats["ok"] and stats["count"] == 1
+    assert reply["t"] == "html" and "<body" in reply["html"]
+
+
+def test_wrong_token_is_told_gone_and_bad_keys_refused(runtime):
+    async def scenario(pool):
+        await pool.spawn(KEY, "tests.apps:Counter", [[], {}], {}, OPTS)
+        conn = await pool.connect(KEY)
+        gone = await conn.request({"t": "render", "token": "not-the-token", "session": {}})
+        await conn.aclose()
+        bad = await pool.zygote_request({"op": "spawn", "key": "ZZZ", "app": "tests.apps:Counter"})
+        with pytest.raises(ProcessGone):
+            await pool.connect("f" * 20)
+        return gone, bad
+
+    gone, bad = run(scenario, runtime)
+    assert gone == {"t": "gone"}
+    assert bad["ok"] is False and bad["error"] == "protocol"
+
+
+def test_unknown_app_and_slow_creation_are_clear_errors(runtime):
+    async def scenario(pool):
+        with pytest.raises(ProcessStartError) as missing:
+            await pool.spawn(KEY, "tests.apps:DoesNotExist", [[], {}], {}, OPTS)
+        with pytest.raises(ProcessStartError) as slow:
+            await pool.spawn(KEY, "tests.apps:SlowInit", [[], {}], {}, dict(OPTS, timeout_interaction=0.5))
+        stats = await pool.stats()
+        return missing.value, slow.value, stats
+
+    missing, slow, stats = run(scenario, runtime)
+    assert getattr(missing, "kind") == "import" and "DoesNotExist" in str(missing)
+    assert getattr(slow, "kind") == "timeout"
+    assert stats["count"] == 0 and not os.path.exists(runtime / f"{KEY}.s")
+
+
+def test_pool_limit(runtime):
+    from asgi_htag.exceptions import PoolFull
+
+    async def scenario(pool):
+        await pool.spawn("a" * 20, "tests.apps:Counter", [[], {}], {}, OPTS)
+        with pytest.raises(PoolFull):
+            await pool.spawn("b" * 20, "tests.apps:Counter", [[], {}], {}, OPTS)
+        # the same session asking again is not a new process
+        return await pool.spawn("a" * 20, "tests.apps:Counter", [[], {}], {}, OPTS)
+
+    again = run(scenario, runtime, max_processes=1)
+    assert again["created"] is False
+
+
+def test_second_zygote_for_the_same_dir_steps_aside_and_last_worker_leaving_stops_all(runtime):
+    async def scenario(pool):
+        info = await pool.spawn(KEY, "tests.apps:Counter", [[], {}], {}, OPTS)
+        cfg = json.dumps({"runtime_dir": str(runtime)})
+        out = subprocess.run([sys.executable, "-m", "asgi_htag.process.zygote", cfg], capture_output=True,
+                             text=True, timeout=60, cwd=ROOT)
+        return info, out.stdout.strip(), (await pool.stats())["pid"]
+
+    info, line, zpid = run(scenario, runtime, grace=0.5)
+    assert line == "EXISTS"
+    # the pool closed its presence: after the grace period the zygote stops its children
+    deadline = time.monotonic() + 20
+    while pids_in_runtime(runtime) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not pids_in_runtime(runtime)
+    assert not os.path.exists(runtime / "zygote.s") and not os.path.exists(runtime / f"{KEY}.s")

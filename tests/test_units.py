@@ -1,0 +1,149 @@
+"""Unit tests of the parsers and validators, with malformed, oversized and hostile input."""
+import json
+import struct
+
+import pytest
+from htag import Tag
+
+from asgi_htag.app import AppOptions, Engine, HtagASGI, _browser_frame, app_reference, url_to_init
+from asgi_htag.exceptions import ConfigurationError, FrameTooLarge, ProtocolError
+from asgi_htag.process import wire
+from asgi_htag.process.host import SyncedSession
+
+
+def test_app_reference_accepts_classes_and_strings():
+    from tests.apps import Counter
+
+    assert app_reference(Counter) == "tests.apps:Counter"
+    assert app_reference("tests.apps:Counter") == "tests.apps:Counter"
+    assert app_reference("tests.apps.Counter") == "tests.apps:Counter"
+
+
+@pytest.mark.parametrize("bad", ["", "Counter", "a:", ":b", "os:system;rm -rf", "../x:Y", "a b:C", 42, object, str])
+def test_app_reference_refuses_garbage(bad):
+    with pytest.raises(ConfigurationError):
+        app_reference(bad)
+
+
+def test_app_reference_refuses_local_classes():
+    class Local(Tag.body):
+        pass
+
+    with pytest.raises(ConfigurationError, match="module level"):
+        app_reference(Local)
+
+
+def test_options_are_validated():
+    with pytest.raises(ConfigurationError):
+        AppOptions(timeout_interaction=-1)
+    with pytest.raises(ConfigurationError):
+        Engine(max_processes=0)
+    with pytest.raises(ConfigurationError):
+        HtagASGI("tests.apps:Counter", max_message_bytes=10)
+
+
+@pytest.mark.parametrize(
+    "qs, expected",
+    [
+        ("", [[], {}]),
+        ("john&age=12", [["john"], {"age": "12"}]),
+        ("a=&b=%20x", [[], {"a": None, "b": " x"}]),
+        ("%00&%ff", [["\x00", "\ufffd"], {}]),
+    ],
+)
+def test_url_to_init(qs, expected):
+    assert url_to_init(qs) == expected
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"\xff\xfe", "not json", "[]", "1", "null", '"str"', "{}", '{"id": 1}', '{"hello": 1, "k": "x"}',
+     '{"p": 1, "k": "x"}', '{"p": "x"}', "{" * 10000],
+)
+def test_browser_frame_refuses_malformed(payload):
+    out, error = _browser_frame(payload)
+    assert error and out == {}
+
+
+def test_browser_frame_shapes():
+    assert _browser_frame('{"id": 1, "method": "inc"}')[0] == {"t": "interact", "data": {"id": 1, "method": "inc"}}
+    assert _browser_frame('{"hello": "AA", "k": "page"}')[0] == {"t": "hello", "pub": "AA", "k": "page"}
+    assert _browser_frame('{"p": "AA", "k": "page"}')[0] == {"t": "interact", "enc": "AA", "k": "page"}
+
+
+def _scope(origin=None, host="example.com"):
+    headers = [(b"host", host.encode())]
+    if origin is not None:
+        headers.append((b"origin", origin.encode()))
+    return {"type": "websocket", "headers": headers}
+
+
+@pytest.mark.parametrize(
+    "origin, ok",
+    [
+        (None, True),
+        ("http://example.com", True),
+        ("https://example.com/", True),
+        ("http://evil.com", False),
+        ("http://example.com.evil.com", False),
+        ("null", False),
+        ("", False),
+    ],
+)
+def test_origin_check(origin, ok, tmp_path):
+    engine = Engine(state_dir=tmp_path)
+    assert engine.origin_ok(_scope(origin)) is ok
+
+
+def test_allowed_origins(tmp_path):
+    engine = Engine(state_dir=tmp_path, allowed_origins=["https://app.example.org/"])
+    assert engine.origin_ok(_scope("https://app.example.org"))
+
+
+def test_wire_round_trip_and_limits():
+    frame = wire.encode({"a": "é" * 3})
+    buf = wire.FrameBuffer(100)
+    buf.feed(frame[:3])
+    assert buf.next_frame() is None
+    buf.feed(frame[3:] + frame)
+    assert buf.next_frame() == {"a": "ééé"}
+    assert buf.next_frame() == {"a": "ééé"}
+    assert buf.next_frame() is None
+    with pytest.raises(FrameTooLarge):
+        wire.encode({"a": "x" * 200}, max_frame_bytes=100)
+    with pytest.raises(FrameTooLarge):
+        wire.decode_length(struct.pack(">I", 2**31), 1000)
+    with pytest.raises(ProtocolError):
+        wire.decode_length(b"\x00\x01")
+
+
+@pytest.mark.parametrize("payload", [b"\xff\xfe\xfd", b"[1,2]", b"12", b"{bad json", b"null"])
+def test_frame_buffer_refuses_bad_payloads(payload):
+    buf = wire.FrameBuffer()
+    buf.feed(struct.pack(">I", len(payload)) + payload)
+    with pytest.raises(ProtocolError):
+        buf.next_frame()
+
+
+def test_frame_buffer_refuses_oversized_header_before_buffering():
+    buf = wire.FrameBuffer(1024)
+    buf.feed(struct.pack(">I", 10 * 1024 * 1024))
+    with pytest.raises(FrameTooLarge):
+        buf.next_frame()
+
+
+def test_synced_session_diffs():
+    s = SyncedSession({"a": 1, "l": [1]})
+    assert s.take_diff() is None
+    s["b"] = 2
+    s["l"].append(2)
+    del s["a"]
+    assert s.take_diff() == {"set": {"b": 2, "l": [1, 2]}, "del": ["a"]}
+    assert s.take_diff() is None
+    s["local"] = "mine"
+    s.sync({"b": 2, "l": [1, 2], "remote": "theirs"})  # a worker's fresh view keeps local edits
+    assert s["remote"] == "theirs" and s["local"] == "mine"
+    assert s.take_diff() == {"set": {"local": "mine"}, "del": []}
+    s["bad"] = object()  # not JSON: logged and never sent
+    assert s.take_diff() is None
+    assert json.dumps(dict((k, v) for k, v in s.items() if k != "bad"))
