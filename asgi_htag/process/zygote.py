@@ -408,7 +408,8 @@ class Zygote:
                 pass
         for f in self.lock_files:
             f.close()
-        gc.unfreeze()
+        # the zygote's objects stay frozen here: a full collection in the child would touch
+        # (and so copy) every page they live on
 
     def _on_ready(self, fd: int) -> None:
         child = self.by_ready_fd.get(fd)
