@@ -119,3 +119,25 @@ class SlowInit(Tag.body):
 
     def init(self):
         time.sleep(30)
+
+
+class Ticker(Tag.body):
+    """Pushes an update every 50 ms, forever, once started."""
+
+    def init(self):
+        self.ticks = Tag.span("0", _data_test="ticks")
+        self <= Tag.button("start", _onclick=self.bind.start(), _data_test="start")
+        self <= self.ticks
+        self._n = 0
+        self._task = None
+
+    def start(self):
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self):
+        while True:
+            await asyncio.sleep(0.05)
+            self._n += 1
+            self.ticks.clear(str(self._n))
+            await self.ticks.update()

@@ -321,3 +321,17 @@ def test_debug_mode_shows_the_traceback(make_server, loop):
         with page.ws() as ws:
             reply = click(ws, page, "boom")
     assert "Traceback" in reply["err"] and "ValueError: boom in the app" in reply["err"]
+
+
+def test_pushes_do_not_count_as_activity(server, new_client):
+    page = Page(new_client(), "/inactive-ticker")
+    with page.ws() as ws:
+        ws.send(json.dumps(page.call("start")))
+        pushes = 0
+        for _ in range(2000):  # bounded: the process must end on its own
+            msg = recv_json(ws, timeout=30)
+            if msg.get("asgi_htag"):
+                break
+            pushes += 1
+    assert msg["asgi_htag"] == "gone", "the process exits although it keeps pushing"
+    assert pushes >= 3

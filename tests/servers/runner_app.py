@@ -83,6 +83,10 @@ async def inactive(request: Request):
     return await request.app.handle(request, apps.Counter, timeout_inactivity=1)
 
 
+async def inactive_ticker(request: Request):
+    return await request.app.handle(request, apps.Ticker, timeout_inactivity=1)
+
+
 async def set_value(request: Request):
     request.session["from_route"] = request.query_params.get("v", "")
     return PlainTextResponse("ok")
@@ -107,6 +111,7 @@ app.add_route("/state", state)
 app.add_route("/slow", slow)
 app.add_route("/crashy", crashy)
 app.add_route("/inactive", inactive)
+app.add_route("/inactive-ticker", inactive_ticker)
 app.add_route("/set", set_value)
 app.add_route("/get", get_value)
 app.add_route("/_stats", stats)
