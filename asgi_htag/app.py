@@ -605,6 +605,24 @@ class HtagASGI:
     def __repr__(self) -> str:
         return f"HtagASGI({self.ref!r}, {self.options})"
 
+    async def startup(self) -> None:
+        """Start (or join) the fork server and preload this app. Called on lifespan
+        start-up when HtagASGI is the top-level app; when it is mounted (Starlette and
+        FastAPI do not forward lifespan events to mounts), call it from the host app's
+        lifespan, or let the first request do it."""
+        await self.engine.startup([self.ref])
+
+    async def shutdown(self) -> None:
+        """Close this worker's connections; the fork server stops its processes once no
+        worker is left (after its grace period)."""
+        await self.engine.shutdown()
+
+    def session_middleware(self, app: Any) -> SessionMiddleware:
+        """Wrap another ASGI app (e.g. the FastAPI app this one is mounted in) with the
+        session middleware this app uses, so that ``request.session`` there and
+        ``tag.session`` here are one session."""
+        return self.engine.session_middleware(app)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
@@ -623,14 +641,14 @@ class HtagASGI:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    await self.engine.startup([self.ref])
+                    await self.startup()
                 except Exception as exc:
                     logger.exception("asgi_htag start-up failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await self.engine.shutdown()
+                await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

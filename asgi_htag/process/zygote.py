@@ -300,10 +300,9 @@ class Zygote:
         if cls is None:
             cls = load_app(ref, self.main_path)
             self.apps[ref] = cls
-            module = sys.modules.get(cls.__module__)
-            for path in (getattr(module, "__file__", None), self.main_path):
-                if path and path not in self.stamps:
-                    self.stamps[path] = _stamp(path)
+            path = getattr(sys.modules.get(cls.__module__), "__file__", None)
+            if path and path not in self.stamps:
+                self.stamps[path] = _stamp(path)
         return cls
 
     def _code_changed(self) -> bool:
@@ -536,15 +535,63 @@ def _stamp(path: str) -> Any:
         return None
 
 
+try:
+    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # pragma: no cover - not Linux
+    _prctl = None
+
+
+def _warm_up(runtime_dir: str) -> None:
+    """Run once in the zygote what every child runs (an event loop, a Unix server, an
+    HRenderer render, a frame round trip), so that lazily built state lives in pages the
+    children share instead of being rebuilt, privately, in each of them."""
+    import asyncio
+
+    from htag import Tag
+    from htag.render import HRenderer
+
+    class _Warm(Tag.div):
+        def init(self) -> None:
+            self <= Tag.button("w", _onclick=self.bind.noop())
+
+        def noop(self) -> None:
+            pass
+
+    path = os.path.join(runtime_dir, f"warm.{os.getpid()}.t")
+
+    async def exercise() -> None:
+        hr = HRenderer(_Warm, "", init=((), {}))
+        str(hr)
+        await hr.interact(id(hr.tag), "noop", [], {}, {})
+
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            header = await reader.readexactly(wire.HEADER_SIZE)
+            payload = await reader.readexactly(wire.decode_length(header))
+            writer.write(wire.encode(wire.decode_payload(payload)))
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_unix_server(echo, path=path)
+        try:
+            reader, writer = await asyncio.open_unix_connection(path)
+            writer.write(wire.encode({"t": "warm", "session": {}}))
+            await writer.drain()
+            await reader.readexactly(wire.HEADER_SIZE)
+            writer.close()
+        finally:
+            server.close()
+            os.unlink(path)
+
+    asyncio.run(exercise())
+    asyncio.set_event_loop_policy(None)
+
+
 def _child_main(spec: Dict[str, Any], cls: type, client_js: str, ready_fd: int) -> None:  # pragma: no cover
     """Body of a forked per-session process."""
     import asyncio
 
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     from .host import serve
 
     asyncio.set_event_loop_policy(None)
@@ -596,6 +643,10 @@ def main(argv: List[str]) -> int:
             zygote._app(ref)
         except Exception:
             logger.exception("cannot preload app %r", ref)
+    try:
+        _warm_up(zygote.runtime_dir)
+    except Exception:  # an optimisation only: never a reason not to start
+        logger.exception("warm-up failed")
     zygote.listen()
     sys.stdout.write(f"READY {os.getpid()}\n")
     sys.stdout.flush()
