@@ -357,8 +357,10 @@ class Zygote:
             "sock_path": socket_path(self.runtime_dir, key),
         }
         ready_r, ready_w = os.pipe()
-        gc.collect()
-        gc.freeze()  # keep the GC from touching (and so copying) the parent's pages in children
+        # No collection here: freeing objects would leave holes in the parent's memory pools
+        # that children then fill (a copy-on-write per page); freezing keeps the children's
+        # GC from walking (and so copying) the parent's objects.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             code = 1
@@ -594,6 +596,7 @@ def _child_main(spec: Dict[str, Any], cls: type, client_js: str, ready_fd: int) 
         _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     from .host import serve
 
+    gc.enable()
     asyncio.set_event_loop_policy(None)
     asyncio.run(serve(spec, cls, client_js, ready_fd))
 
@@ -616,6 +619,7 @@ def main(argv: List[str]) -> int:
     if os.fork() > 0:
         os._exit(0)
     os.setsid()
+    gc.disable()  # see Zygote._spawn: the zygote's heap stays dense and shared
     _configure_logging(cfg.get("log_level", "WARNING"))
     for p in reversed(cfg.get("sys_path") or []):
         if p not in sys.path:
