@@ -335,3 +335,22 @@ def test_pushes_do_not_count_as_activity(server, new_client):
             pushes += 1
     assert msg["asgi_htag"] == "gone", "the process exits although it keeps pushing"
     assert pushes >= 3
+
+
+def test_fork_server_killed_recovers_on_next_render(make_server, loop):
+    import httpx
+
+    srv = make_server(loop=loop)
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        c.get("/set?v=survives")
+        page = Page(c, "/")
+        zygote = c.get("/_stats").json()["pid"]
+        with page.ws() as ws:
+            click(ws, page, "inc")
+            os.kill(zygote, signal.SIGKILL)
+            # its children follow it (parent-death signal) and say so to the page
+            assert recv_json(ws, timeout=30)["asgi_htag"] in ("gone", "dead")
+        again = Page(c, "/")
+        assert again.status == 200 and again.texts["value"] == "0"
+        assert c.get("/_stats").json()["pid"] != zygote
+        assert Page(c, "/state").texts["from-route"] == "'survives'"
