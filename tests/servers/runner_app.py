@@ -30,8 +30,18 @@ class WorkerPid:
         await self.app(scope, receive, send_with_pid)
 
 
+def _store():
+    url = os.environ.get("TEST_REDIS_URL")
+    if not url:
+        return None
+    from asgi_htag.redis_store import RedisStore
+
+    return RedisStore(url)
+
+
 app = Runner(
     apps.Counter,
+    store=_store(),
     max_processes=int(os.environ.get("TEST_MAX_PROCESSES", "1000")),
     zygote_grace_seconds=float(os.environ.get("TEST_ZYGOTE_GRACE", "1")),
     debug=os.environ.get("TEST_DEBUG") == "1",
