@@ -145,6 +145,12 @@ class ProcessPool:
             if self._apps:
                 await self._preload(sorted(self._apps))
 
+    async def _drop_presence(self) -> None:
+        if self._presence is not None:
+            presence, self._presence = self._presence, None
+            with anyio.CancelScope(shield=True):
+                await presence.aclose()
+
     async def _presence_alive(self) -> bool:
         assert self._presence is not None
         # The zygote never writes on a presence connection after the hello reply, so a
@@ -188,7 +194,7 @@ class ProcessPool:
             return await self._zygote_call(msg, timeout=timeout)
         except ProcessStartError:
             # the zygote went away between our check and the call: start another, once
-            self._presence = None
+            await self._drop_presence()
             await self.ensure_zygote()
             return await self._zygote_call(msg, timeout=timeout)
 
@@ -224,7 +230,7 @@ class ProcessPool:
         msg = {"op": "spawn", "key": key, "app": app_ref, "init": init, "session": session, "opts": opts}
         reply = await self.zygote_request(msg, timeout=self.config.start_timeout_seconds + 10)
         if reply.get("error") == "stale":
-            self._presence = None
+            await self._drop_presence()
             reply = await self.zygote_request(msg, timeout=self.config.start_timeout_seconds + 10)
         if reply.get("ok"):
             return reply
