@@ -308,10 +308,6 @@ class Engine:
             if len(body) > self.max_message_bytes:
                 await _send_json(send, 413, {"asgi_htag": "error", "message": "interaction too large"})
                 return
-        out, error = _browser_frame(bytes(body))
-        if error:
-            await _send_json(send, 400, {"asgi_htag": "error", "message": error})
-            return
         session = self.session_of(scope)
         token = _query_value(scope, "t")
         if session.sid is None or not APP_ID_RE.match(app_id) or not token:
@@ -324,10 +320,10 @@ class Engine:
         except ProcessGone:
             await _send_json(send, 200, _GONE)
             return
-        out["token"] = token
-        out["session"] = dict(session)
         try:
-            reply = await conn.request(out)
+            # the body goes to the process untouched: it parses and checks it
+            await conn.send({"t": "interact", "token": token, "session": dict(session)}, bytes(body))
+            reply, out = await conn.receive_frame()
         except ProcessGone:
             await conn.aclose()
             await _send_json(send, 200, _dead_message(True))
@@ -337,13 +333,13 @@ class Engine:
             await _send_json(send, 502, {"asgi_htag": "error", "message": "the app process broke the protocol"})
             return
         await pool.release(conn)
-        if reply.get("t") == "gone":
+        if reply.get("t") == "gone" or out is None:
             await _send_json(send, 200, _GONE)
             return
         diff = reply.get("diff")
         if diff:
             await session.apply_changes(diff.get("set") or {}, diff.get("del") or [])
-        await _send_json(send, 200, _to_page(reply))
+        await _send_response(send, int(reply.get("status") or 200), out, "application/json")
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send, app_id: str) -> None:
         message = await receive()
@@ -357,15 +353,18 @@ class Engine:
         send_lock = anyio.Lock()
         closed = False
 
-        async def ws_send(obj: Any) -> None:
+        async def ws_send_text(text: str) -> None:
             nonlocal closed
             if closed:
                 return
             async with send_lock:
                 try:
-                    await send({"type": "websocket.send", "text": json.dumps(obj, separators=(",", ":"))})
+                    await send({"type": "websocket.send", "text": text})
                 except (OSError, RuntimeError):
                     closed = True
+
+        async def ws_send(obj: Any) -> None:
+            await ws_send_text(json.dumps(obj, separators=(",", ":")))
 
         async def ws_close(code: int = 1000) -> None:
             nonlocal closed
@@ -378,6 +377,7 @@ class Engine:
                 pass
 
         session = self.session_of(scope)
+        store = session.store
         token = _query_value(scope, "t")
         resync = _query_value(scope, "resync") == "1"
         page_id = _query_value(scope, "k")
@@ -394,20 +394,22 @@ class Engine:
             return
         pending = 0
         try:
+            sent_version = store.version()
             await session.reload()
             try:
-                reply = await conn.request(
+                await conn.send(
                     {"t": "subscribe", "token": token, "resync": resync, "k": page_id, "session": dict(session)}
                 )
+                reply, out = await conn.receive_frame()
             except (ProcessGone, ProtocolError):
-                reply = {"t": "gone"}
+                reply, out = {"t": "gone"}, None
             if reply.get("t") != "subscribed":
                 await ws_send(_GONE if reply.get("t") == "gone" else {"asgi_htag": "error", "message": reply.get("message", "")})
                 await ws_close(4001)
                 return
             timeout_interaction = reply.get("timeout_interaction") or 0
-            if reply.get("actions") or reply.get("enc"):
-                await ws_send(_to_page(reply))
+            if out:
+                await ws_send_text(out.decode())
             logger.debug("websocket of session %s subscribed to process %s", session.sid[:6], reply.get("pid"))
 
             async with anyio.create_task_group() as tg:
@@ -416,22 +418,24 @@ class Engine:
                     nonlocal pending
                     try:
                         while True:
-                            frame = await conn.receive()
+                            frame, out = await conn.receive_frame()
                             diff = frame.get("diff")
                             if diff:
                                 await session.apply_changes(diff.get("set") or {}, diff.get("del") or [])
                             t = frame.get("t")
-                            if t in ("actions", "error"):
+                            if t in ("actions", "error", "hello"):
                                 pending = max(0, pending - 1)
-                                await ws_send(_to_page(frame))
-                            elif t in ("push", "hello"):
-                                await ws_send(_to_page(frame))
+                            if t in ("actions", "error", "hello", "push"):
+                                if out is not None:
+                                    await ws_send_text(out.decode())
                             elif t in ("bye", "gone"):
                                 await ws_send(_GONE)
                                 await ws_close(4001)
                                 break
                     except ProcessGone:
-                        logger.warning("process of session %s died (interaction pending: %s)", session.sid[:6] if session.sid else "-", bool(pending))
+                        logger.warning(
+                            "process of session %s died (interaction pending: %s)", session.sid[:6] if session.sid else "-", bool(pending)
+                        )
                         await ws_send(_dead_message(bool(pending), timeout_interaction))
                         await ws_close(4002)
                     except ProtocolError as exc:
@@ -448,30 +452,21 @@ class Engine:
                         break
                     if message["type"] != "websocket.receive":
                         continue
-                    raw = message.get("text")
-                    payload: Union[str, bytes]
-                    if raw is None:
-                        payload = message.get("bytes") or b""
-                        size = len(payload)
-                    else:
-                        payload = raw
-                        size = len(raw)
-                        if size * 4 > self.max_message_bytes:
-                            size = len(raw.encode("utf-8", "surrogatepass"))
-                    if size > self.max_message_bytes:
+                    text = message.get("text")
+                    raw: bytes = text.encode("utf-8", "surrogatepass") if text is not None else (message.get("bytes") or b"")
+                    if len(raw) > self.max_message_bytes:
                         await ws_send({"asgi_htag": "error", "message": "interaction too large"})
                         continue
-                    out, error = _browser_frame(payload)
-                    if error:
-                        await ws_send({"asgi_htag": "error", "message": error})
-                        continue
-                    out["token"] = token
-                    if out["t"] == "interact":
+                    meta: Dict[str, Any] = {"t": "interact", "token": token}
+                    # the session travels only when the store says something changed
+                    version = store.version()
+                    if version is None or version != sent_version:
                         await session.reload()
-                        out["session"] = dict(session)
-                        pending += 1
+                        meta["session"] = dict(session)
+                        sent_version = version
+                    pending += 1
                     try:
-                        await conn.send(out)
+                        await conn.send(meta, raw)
                     except ProcessGone:
                         break  # from_process reports it
                 tg.cancel_scope.cancel()
@@ -490,42 +485,6 @@ def _dead_message(pending: bool, timeout: float = 0) -> Dict[str, Any]:
     else:
         text = "The application process stopped. Reload the page to start again."
     return {"asgi_htag": "dead", "message": text}
-
-
-def _browser_frame(payload: Union[str, bytes]) -> Tuple[Dict[str, Any], Optional[str]]:
-    """Turn what a page sent into a frame for its process, or an error message.
-
-    A page sends an htag interaction ``{"id", "method", ...}``, or in parano mode a key
-    agreement ``{"hello": pub, "k": page id}`` or an envelope ``{"p": ..., "k": page id}``.
-    """
-    try:
-        data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        return {}, "interaction is not valid JSON"
-    if not isinstance(data, dict):
-        return {}, "interaction must be a JSON object"
-    if "hello" in data:
-        if not isinstance(data["hello"], str) or not isinstance(data.get("k"), str):
-            return {}, "malformed key agreement"
-        return {"t": "hello", "pub": data["hello"], "k": data["k"]}, None
-    if "p" in data:
-        if not isinstance(data["p"], str) or not isinstance(data.get("k"), str):
-            return {}, "malformed encrypted interaction"
-        return {"t": "interact", "enc": data["p"], "k": data["k"]}, None
-    if "id" not in data or "method" not in data:
-        return {}, "interaction needs 'id' and 'method'"
-    return {"t": "interact", "data": data}, None
-
-
-def _to_page(frame: Dict[str, Any]) -> Any:
-    """What a process frame becomes for the page."""
-    if "enc" in frame:
-        return {"p": frame["enc"]}
-    if frame.get("t") == "hello":
-        return {"asgi_htag": "hello", "pub": frame.get("pub")}
-    if frame.get("t") == "error":
-        return {"asgi_htag": "error", "message": frame.get("message", "")}
-    return frame.get("actions") or {}
 
 
 def _query_value(scope: Scope, name: str) -> Optional[str]:

@@ -122,6 +122,12 @@ class SessionStore(ABC):
     async def close(self) -> None:
         """Release the store's resources."""
 
+    def version(self) -> Optional[Any]:
+        """A cheap token that changes whenever any session of this store may have changed,
+        as seen from this process; None when the store cannot tell cheaply. A long-lived
+        connection (a websocket) re-reads its session only when the token moved."""
+        return None
+
 
 class MemoryStore(SessionStore):
     """A store in a dict of this process, for tests and single-process experiments."""
@@ -133,6 +139,11 @@ class MemoryStore(SessionStore):
         """
         self.max_age_seconds = _check_max_age(max_age_seconds)
         self._rows: Dict[str, Tuple[str, float]] = {}
+        self._version = 0
+
+    def version(self) -> Optional[Any]:
+        """See :meth:`SessionStore.version`: a counter of this store's writes."""
+        return self._version
 
     def _live(self, sid: str) -> Optional[Dict[str, Any]]:
         row = self._rows.get(sid)
@@ -158,6 +169,7 @@ class MemoryStore(SessionStore):
             data.pop(key, None)
         text = _dumps(data)
         self._rows[sid] = (text, _now() + self.max_age_seconds)
+        self._version += 1
         return json.loads(text)
 
     async def touch(self, sid: str) -> None:
@@ -168,6 +180,7 @@ class MemoryStore(SessionStore):
     async def delete(self, sid: str) -> None:
         """See :meth:`SessionStore.delete`."""
         self._rows.pop(sid, None)
+        self._version += 1
 
     async def close(self) -> None:
         """Nothing to release; the data stays readable."""
@@ -274,6 +287,14 @@ class SQLiteStore(SessionStore):
         if len(self._expires) >= self._MAX_REMEMBERED_EXPIRIES:
             self._expires.clear()
         self._expires[sid] = expires
+
+    def version(self) -> Optional[Any]:
+        """See :meth:`SessionStore.version`: SQLite's ``data_version``, which moves when any
+        other connection (any process, or this store's own writer) commits."""
+        if self._reader is None or os.getpid() != self._pid:
+            return None
+        with self._read_lock:
+            return self._reader.execute("PRAGMA data_version").fetchone()[0]
 
     async def load(self, sid: str) -> Optional[Dict[str, Any]]:
         """See :meth:`SessionStore.load`. Runs inline: WAL readers do not wait for writers."""

@@ -151,3 +151,32 @@ def test_second_zygote_for_the_same_dir_steps_aside_and_last_worker_leaving_stop
         time.sleep(0.1)
     assert not pids_in_runtime(runtime)
     assert not os.path.exists(runtime / "zygote.s") and not os.path.exists(runtime / f"{KEY}.s")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"\xff\xfe", b"not json", b"[]", b"1", b"null", b'"str"', b"{}", b'{"id": 1}', b'{"hello": 1, "k": "x"}',
+     b'{"p": 1, "k": "x"}', b'{"p": "x"}', b"{" * 10000, b'{"id": "1", "method": "inc"}',
+     b'{"id": 1, "method": ["inc"]}', b'{"id": 1, "method": "inc", "args": {}}'],
+)
+def test_hostile_interactions_get_errors_and_the_connection_keeps_working(runtime, raw):
+    async def scenario(pool):
+        info = await pool.spawn(KEY, "tests.apps:Counter", [[], {}], {}, OPTS)
+        conn = await pool.connect(KEY)
+        try:
+            html = (await conn.request({"t": "render", "token": info["token"], "session": {}}))["html"]
+            body_id = int(html.split('<body id="')[1].split('"')[0])
+            await conn.send({"t": "interact", "token": info["token"]}, raw)
+            bad = await conn.receive()
+            await conn.send({"t": "interact", "token": info["token"]},
+                            json.dumps({"id": body_id, "method": "inc", "args": [], "kargs": {}, "event": {}}).encode())
+            good = await conn.receive()
+            return bad, good
+        finally:
+            await conn.aclose()
+
+    bad, good = run(scenario, runtime)
+    assert bad["t"] in ("error", "actions")
+    message = json.loads(bad["raw"])
+    assert message.get("asgi_htag") == "error" or "refused" in message.get("err", "")
+    assert good["t"] == "actions" and "update" in json.loads(good["raw"])

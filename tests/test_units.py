@@ -5,7 +5,7 @@ import struct
 import pytest
 from htag import Tag
 
-from asgi_htag.app import AppOptions, Engine, HtagASGI, _browser_frame, app_reference, url_to_init
+from asgi_htag.app import AppOptions, Engine, HtagASGI, app_reference, url_to_init
 from asgi_htag.exceptions import ConfigurationError, FrameTooLarge, ProtocolError
 from asgi_htag.process import wire
 from asgi_htag.process.host import SyncedSession
@@ -53,22 +53,6 @@ def test_options_are_validated():
 )
 def test_url_to_init(qs, expected):
     assert url_to_init(qs) == expected
-
-
-@pytest.mark.parametrize(
-    "payload",
-    [b"", b"\xff\xfe", "not json", "[]", "1", "null", '"str"', "{}", '{"id": 1}', '{"hello": 1, "k": "x"}',
-     '{"p": 1, "k": "x"}', '{"p": "x"}', "{" * 10000],
-)
-def test_browser_frame_refuses_malformed(payload):
-    out, error = _browser_frame(payload)
-    assert error and out == {}
-
-
-def test_browser_frame_shapes():
-    assert _browser_frame('{"id": 1, "method": "inc"}')[0] == {"t": "interact", "data": {"id": 1, "method": "inc"}}
-    assert _browser_frame('{"hello": "AA", "k": "page"}')[0] == {"t": "hello", "pub": "AA", "k": "page"}
-    assert _browser_frame('{"p": "AA", "k": "page"}')[0] == {"t": "interact", "enc": "AA", "k": "page"}
 
 
 def _scope(origin=None, host="example.com"):
@@ -123,6 +107,14 @@ def test_frame_buffer_refuses_bad_payloads(payload):
     buf.feed(struct.pack(">I", len(payload)) + payload)
     with pytest.raises(ProtocolError):
         buf.next_frame()
+
+
+def test_raw_bytes_ride_after_the_json_untouched():
+    raw = b'{"id": 1}\n\x00\xff anything'
+    frame = wire.encode({"t": "interact", "s": "line\nbreak"}, raw=raw)
+    meta, got = wire.split_payload(frame[wire.HEADER_SIZE:])
+    assert meta == {"t": "interact", "s": "line\nbreak"} and got == raw
+    assert wire.split_payload(wire.encode({"a": 1})[wire.HEADER_SIZE:]) == ({"a": 1}, None)
 
 
 def test_frame_buffer_refuses_oversized_header_before_buffering():

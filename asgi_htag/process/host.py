@@ -196,7 +196,7 @@ class AppHost:
     async def _sendactions(self, actions: Dict[str, Any]) -> bool:
         if self.http_only or not self.subscribers:
             return False
-        diff = self.session.take_diff()
+        meta: Dict[str, Any] = {"t": "push", "diff": self.session.take_diff()}
         plain: Optional[bytes] = None
         delivered = False
         for writer, page in list(self.subscribers.items()):
@@ -204,12 +204,11 @@ class AppHost:
                 key = self.keys.get(page or "")
                 if key is None:
                     continue  # this page has not agreed a key yet: it gets nothing in clear
-                data = wire.encode({"t": "push", "enc": key.seal(actions), "diff": diff}, self.max_frame_bytes)
+                data = wire.encode(meta, self.max_frame_bytes, raw=_json_bytes({"p": key.seal(actions)}))
             else:
                 if plain is None:
-                    plain = wire.encode({"t": "push", "actions": actions, "diff": diff}, self.max_frame_bytes)
+                    plain = wire.encode(meta, self.max_frame_bytes, raw=_json_bytes(actions))
                 data = plain
-            diff = None  # one worker applying it is enough
             try:
                 writer.write(data)
                 await writer.drain()
@@ -255,22 +254,22 @@ class AppHost:
 
     async def render(self, frame: Dict[str, Any]) -> Dict[str, Any]:
         async with self.lock:
-            self.session.sync(frame.get("session") or {})
+            if frame.get("session") is not None:
+                self.session.sync(frame["session"])
             self.touch()
             _offered.clear()  # a full render re-offers everything the page now holds
             html = str(self.hr)
             return {"t": "html", "html": html, "diff": self.session.take_diff()}
 
-    async def interact(self, frame: Dict[str, Any]) -> Dict[str, Any]:
-        data = frame.get("data")
-        if not isinstance(data, dict):
-            return {"t": "actions", "actions": {"err": "interaction refused: malformed payload"}, "diff": None}
+    async def interact(self, data: Dict[str, Any], session: Optional[Dict[str, Any]]) -> Tuple[Dict[str, Any], Any]:
+        """Run one (already decoded) interaction: ``(actions, session diff)``."""
         refusal = self._check_offered(data)
         if refusal:
             logger.warning("process %s: %s", os.getpid(), refusal)
-            return {"t": "actions", "actions": {"err": refusal}, "diff": None}
+            return {"err": refusal}, None
         async with self.lock:
-            self.session.sync(frame.get("session") or {})
+            if session is not None:
+                self.session.sync(session)
             self.touch()
             self._arm_alarm()
             try:
@@ -279,7 +278,7 @@ class AppHost:
                 )
             finally:
                 self._disarm_alarm()
-            return {"t": "actions", "actions": actions, "diff": self.session.take_diff()}
+            return actions, self.session.take_diff()
 
     def resync_actions(self) -> Dict[str, Any]:
         """Actions that redraw the whole body: sent to a page that reconnects, so that the
@@ -292,15 +291,15 @@ class AppHost:
                 try:
                     header = await reader.readexactly(_HEADER_SIZE)
                     length = wire.decode_length(header, self.max_frame_bytes)
-                    frame = wire.decode_payload(await reader.readexactly(length))
+                    frame, raw = wire.split_payload(await reader.readexactly(length))
                 except asyncio.IncompleteReadError:
                     return
                 except ProtocolError as exc:
                     logger.warning("process %s: dropping a connection that broke the protocol: %s", os.getpid(), exc)
                     return
-                reply = await self._dispatch(frame, writer)
+                reply, out = await self._dispatch(frame, raw, writer)
                 if reply is not None:
-                    writer.write(wire.encode(reply, self.max_frame_bytes))
+                    writer.write(wire.encode(reply, self.max_frame_bytes, raw=out))
                     await writer.drain()
         except (ConnectionError, OSError):
             return
@@ -310,58 +309,74 @@ class AppHost:
             self.subscribers.pop(writer, None)
             writer.close()
 
-    def _hello(self, frame: Dict[str, Any], writer: asyncio.StreamWriter) -> Dict[str, Any]:
+    def _hello(self, obj: Dict[str, Any], writer: asyncio.StreamWriter) -> Tuple[Dict[str, Any], bytes]:
         from ..crypto import PageKey
 
         if not self.parano:
-            return {"t": "error", "message": "this app is not in parano mode"}
-        page = frame.get("k")
+            return _page_error("this app is not in parano mode")
+        page = obj.get("k")
         if not isinstance(page, str) or not _PAGE_ID_RE.match(page):
-            return {"t": "error", "message": "invalid page id"}
+            return _page_error("invalid page id")
         try:
-            key, pub = PageKey.agree(frame.get("pub"), self.token.encode())  # type: ignore[arg-type]
+            key, pub = PageKey.agree(obj.get("hello"), self.token.encode())  # type: ignore[arg-type]
         except ProtocolError as exc:
-            return {"t": "error", "message": str(exc)}
+            return _page_error(str(exc))
         self.keys[page] = key
         self.keys.move_to_end(page)
         while len(self.keys) > _MAX_PAGE_KEYS:
             self.keys.popitem(last=False)
         if writer in self.subscribers:
             self.subscribers[writer] = page
-        return {"t": "hello", "pub": pub}
+        return {"t": "hello"}, _json_bytes({"asgi_htag": "hello", "pub": pub})
 
-    async def _interact_frame(self, frame: Dict[str, Any]) -> Dict[str, Any]:
-        if not self.parano:
-            if "enc" in frame:
-                return {"t": "error", "message": "this app does not take encrypted interactions"}
-            return await self.interact(frame)
-        if "enc" not in frame:
-            return {"t": "error", "message": "interaction refused: this app only takes encrypted interactions"}
-        key = self.keys.get(frame.get("k") or "")
-        if key is None:
-            return {"t": "error", "message": "no key agreed for this page; reload it"}
+    async def _interact_frame(
+        self, frame: Dict[str, Any], raw: Optional[bytes], writer: asyncio.StreamWriter
+    ) -> Tuple[Dict[str, Any], bytes]:
+        """What the page sent (``raw``, passed through untouched by the worker) -> the
+        frame for the worker and the bytes for the page."""
         try:
-            data = key.open(frame["enc"])
-        except ProtocolError as exc:
-            logger.warning("process %s: refused an encrypted interaction: %s", os.getpid(), exc)
-            return {"t": "error", "message": f"interaction refused: {exc}"}
-        reply = await self.interact({"data": data, "session": frame.get("session")})
-        return {"t": "actions", "enc": key.seal(reply["actions"]), "diff": reply["diff"]}
+            obj = json.loads(raw) if raw else None
+        except (ValueError, UnicodeDecodeError):
+            obj = None
+        if not isinstance(obj, dict):
+            return _page_error("interaction must be a JSON object", 400)
+        session = frame.get("session")
+        if "hello" in obj:
+            return self._hello(obj, writer)
+        if "p" in obj:
+            if not self.parano:
+                return _page_error("this app does not take encrypted interactions", 400)
+            key = self.keys.get(obj.get("k") if isinstance(obj.get("k"), str) else "")  # type: ignore[arg-type]
+            if key is None:
+                return _page_error("no key agreed for this page; reload it")
+            try:
+                data = key.open(obj["p"])
+            except ProtocolError as exc:
+                logger.warning("process %s: refused an encrypted interaction: %s", os.getpid(), exc)
+                return _page_error(f"interaction refused: {exc}")
+            actions, diff = await self.interact(data, session)
+            return {"t": "actions", "diff": diff}, _json_bytes({"p": key.seal(actions)})
+        if self.parano:
+            return _page_error("interaction refused: this app only takes encrypted interactions", 400)
+        if "id" not in obj or "method" not in obj:
+            return _page_error("interaction needs 'id' and 'method'", 400)
+        actions, diff = await self.interact(obj, session)
+        return {"t": "actions", "diff": diff}, _json_bytes(actions)
 
-    async def _dispatch(self, frame: Dict[str, Any], writer: asyncio.StreamWriter) -> Optional[Dict[str, Any]]:
+    async def _dispatch(
+        self, frame: Dict[str, Any], raw: Optional[bytes], writer: asyncio.StreamWriter
+    ) -> Tuple[Optional[Dict[str, Any]], Optional[bytes]]:
         t = frame.get("t")
         if frame.get("token") != self.token:
-            return {"t": "gone"}
+            return {"t": "gone"}, None
         try:
             if t == "interact":
-                return await self._interact_frame(frame)
+                return await self._interact_frame(frame, raw, writer)
             if t == "render":
-                return await self.render(frame)
-            if t == "hello":
-                return self._hello(frame, writer)
+                return await self.render(frame), None
             if t == "subscribe":
                 if self.http_only:
-                    return {"t": "error", "message": "this app is served in http_only mode"}
+                    return {"t": "error", "message": "this app is served in http_only mode"}, None
                 page = frame.get("k") if isinstance(frame.get("k"), str) else None
                 self.subscribers[writer] = page
                 reply: Dict[str, Any] = {
@@ -369,22 +384,34 @@ class AppHost:
                     "timeout_interaction": self.timeout_interaction,
                     "pid": os.getpid(),
                 }
+                out: Optional[bytes] = None
+                if frame.get("session") is not None:
+                    async with self.lock:
+                        self.session.sync(frame["session"])
                 if frame.get("resync"):
                     async with self.lock:
-                        self.session.sync(frame.get("session") or {})
                         actions = self.resync_actions()
                     if not self.parano:
-                        reply["actions"] = actions
+                        out = _json_bytes(actions)
                     elif page in self.keys:
-                        reply["enc"] = self.keys[page].seal(actions)
-                return reply
+                        out = _json_bytes({"p": self.keys[page].seal(actions)})  # type: ignore[index]
+                return reply, out
             if t == "ping":
-                return {"t": "pong", "pid": os.getpid()}
-            return {"t": "error", "message": f"unknown frame type {t!r}"}
+                return {"t": "pong", "pid": os.getpid()}, None
+            return {"t": "error", "message": f"unknown frame type {t!r}"}, None
         except Exception as exc:  # the app's bug must not take the process down
             logger.exception("process %s: error while handling %r", os.getpid(), t)
             msg = traceback.format_exc() if self.debug else str(exc)
-            return {"t": "actions", "actions": {"err": msg}, "diff": None}
+            return _page_error(msg)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return _dumps(obj).encode()
+
+
+def _page_error(message: str, status: int = 200) -> Tuple[Dict[str, Any], bytes]:
+    """An error for the page (a control message it shows), and the HTTP status for POSTs."""
+    return {"t": "error", "status": status}, _json_bytes({"asgi_htag": "error", "message": message})
 
 
 async def serve(spec: Dict[str, Any], tag_class: type, client_js: str, ready_fd: int) -> None:

@@ -50,44 +50,55 @@ class PoolConfig:
 class ChildConnection:
     """One persistent connection to a per-session process."""
 
-    __slots__ = ("key", "_stream", "_rx", "_max", "broken")
+    __slots__ = ("key", "_stream", "_buf", "_max", "broken")
 
     def __init__(self, key: str, stream: SocketStream, max_frame_bytes: int) -> None:
         self.key = key
         self._stream = stream
-        self._rx = BufferedByteReceiveStream(stream)
+        self._buf = bytearray()
         self._max = max_frame_bytes
         self.broken = False
 
-    async def send(self, obj: Dict[str, Any]) -> None:
-        """Raises ProcessGone if the process is not there any more."""
-        data = wire.encode(obj, self._max)
+    async def send(self, obj: Dict[str, Any], raw: Optional[bytes] = None) -> None:
+        """Send a frame (``raw``: bytes relayed untouched). Raises ProcessGone if the
+        process is not there any more."""
+        data = wire.encode(obj, self._max, raw=raw)
         try:
             await self._stream.send(data)
         except _STREAM_ERRORS as exc:
             self.broken = True
             raise ProcessGone("the app process closed the connection") from exc
 
-    async def receive(self) -> Dict[str, Any]:
-        """The next frame. Raises ProcessGone on EOF, ProtocolError on a bad frame."""
+    async def receive_frame(self) -> Tuple[Dict[str, Any], Optional[bytes]]:
+        """The next frame and its raw bytes. Raises ProcessGone on EOF, ProtocolError on a
+        bad frame (the connection is then unusable)."""
+        buf = self._buf
         try:
-            header = await self._rx.receive_exactly(wire.HEADER_SIZE)
-            length = wire.decode_length(header, self._max)
-            payload = await self._rx.receive_exactly(length)
-        except _STREAM_ERRORS as exc:
-            self.broken = True
-            raise ProcessGone("the app process closed the connection") from exc
-        except ProtocolError:
-            self.broken = True
-            raise
-        try:
-            return wire.decode_payload(payload)
-        except ProtocolError:
+            while True:
+                if len(buf) >= wire.HEADER_SIZE:
+                    length = wire.decode_length(bytes(buf[: wire.HEADER_SIZE]), self._max)
+                    end = wire.HEADER_SIZE + length
+                    if len(buf) >= end:
+                        payload = bytes(buf[wire.HEADER_SIZE : end])
+                        del buf[:end]
+                        return wire.split_payload(payload)
+                try:
+                    buf += await self._stream.receive(262144)
+                except _STREAM_ERRORS as exc:
+                    raise ProcessGone("the app process closed the connection") from exc
+        except (ProcessGone, ProtocolError):
             self.broken = True
             raise
 
-    async def request(self, obj: Dict[str, Any]) -> Dict[str, Any]:
-        await self.send(obj)
+    async def receive(self) -> Dict[str, Any]:
+        """The next frame's JSON object (its raw bytes, if any, under ``"raw"``)."""
+        frame, raw = await self.receive_frame()
+        if raw is not None:
+            frame["raw"] = raw
+        return frame
+
+    async def request(self, obj: Dict[str, Any], raw: Optional[bytes] = None) -> Dict[str, Any]:
+        await self.send(obj, raw)
         return await self.receive()
 
     async def aclose(self) -> None:

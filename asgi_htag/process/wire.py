@@ -6,7 +6,7 @@ the payload, so a hostile or broken peer cannot make anyone buffer more than the
 """
 import json
 import struct
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from ..exceptions import FrameTooLarge, ProtocolError
 
@@ -17,14 +17,20 @@ DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-def encode(obj: Dict[str, Any], max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
-    """Serialize ``obj`` to one frame.
+def encode(obj: Dict[str, Any], max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, raw: Optional[bytes] = None) -> bytes:
+    """Serialize ``obj`` to one frame, with ``raw`` bytes after it if given.
+
+    ``raw`` carries what a page sent, or what a page will receive, untouched: the worker
+    relays it without parsing or re-encoding it. It follows the JSON object after a newline,
+    which compact JSON never contains.
 
     Raises:
         FrameTooLarge: the encoded payload is larger than ``max_frame_bytes``.
         TypeError: ``obj`` holds something JSON cannot represent.
     """
     payload = _dumps(obj).encode()
+    if raw is not None:
+        payload += b"\n" + raw
     if len(payload) > max_frame_bytes:
         raise FrameTooLarge(f"frame of {len(payload)} bytes exceeds the limit of {max_frame_bytes}")
     return HEADER.pack(len(payload)) + payload
@@ -49,6 +55,12 @@ def decode_payload(payload: bytes) -> Dict[str, Any]:
     if not isinstance(obj, dict):
         raise ProtocolError(f"frame must be a JSON object, not {type(obj).__name__}")
     return obj
+
+
+def split_payload(payload: bytes) -> Tuple[Dict[str, Any], Optional[bytes]]:
+    """``(the JSON object, the raw bytes after it or None)`` of a frame payload."""
+    meta, sep, raw = payload.partition(b"\n")
+    return decode_payload(meta), (raw if sep else None)
 
 
 class FrameBuffer:
@@ -77,7 +89,7 @@ class FrameBuffer:
             return None
         payload = bytes(self._buf[HEADER_SIZE:end])
         del self._buf[:end]
-        return decode_payload(payload)
+        return split_payload(payload)[0]
 
 
-__all__ = ("encode", "decode_length", "decode_payload", "FrameBuffer", "DEFAULT_MAX_FRAME_BYTES", "HEADER_SIZE")
+__all__ = ("encode", "decode_length", "decode_payload", "split_payload", "FrameBuffer", "DEFAULT_MAX_FRAME_BYTES", "HEADER_SIZE")

@@ -569,14 +569,15 @@ def _warm_up(runtime_dir: str) -> None:
         async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             header = await reader.readexactly(wire.HEADER_SIZE)
             payload = await reader.readexactly(wire.decode_length(header))
-            writer.write(wire.encode(wire.decode_payload(payload)))
+            meta, raw = wire.split_payload(payload)
+            writer.write(wire.encode(meta, raw=raw))
             await writer.drain()
             writer.close()
 
         server = await asyncio.start_unix_server(echo, path=path)
         try:
             reader, writer = await asyncio.open_unix_connection(path)
-            writer.write(wire.encode({"t": "warm", "session": {}}))
+            writer.write(wire.encode({"t": "warm", "session": {}}, raw=b'{"id": 1}'))
             await writer.drain()
             await reader.readexactly(wire.HEADER_SIZE)
             writer.close()
