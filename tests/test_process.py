@@ -180,3 +180,20 @@ def test_hostile_interactions_get_errors_and_the_connection_keeps_working(runtim
     message = json.loads(bad["raw"])
     assert message.get("asgi_htag") == "error" or "refused" in message.get("err", "")
     assert good["t"] == "actions" and "update" in json.loads(good["raw"])
+
+
+def test_a_burst_of_new_sessions_queues_and_every_one_starts(runtime):
+    async def scenario(pool):
+        results = {}
+
+        async def one(i):
+            results[i] = await pool.spawn(f"{i:020x}", "tests.apps:Counter", [[], {}], {}, OPTS)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(one, i)
+        return results, await pool.stats()
+
+    results, stats = run(scenario, runtime, max_starting=1)
+    assert len({r["pid"] for r in results.values()}) == 8 and all(r["created"] for r in results.values())
+    assert stats["count"] == 8

@@ -45,6 +45,7 @@ class PoolConfig:
     max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES
     log_level: str = "WARNING"
     apps: Tuple[str, ...] = field(default=())
+    max_starting: int = 0  # processes starting at once; 0 = one per CPU
 
 
 class ChildConnection:
@@ -179,6 +180,7 @@ class ProcessPool:
             "max_processes": self.config.max_processes,
             "grace_seconds": self.config.grace_seconds,
             "start_timeout_seconds": self.config.start_timeout_seconds,
+            "max_starting": self.config.max_starting,
             "log_level": self.config.log_level,
             "sys_path": [p or os.getcwd() for p in sys.path],
             "main_path": self.main_path,

@@ -13,6 +13,7 @@ Lifetime: it lives while at least one web worker holds a *presence* connection, 
 never touches a process it did not start. A second zygote started for the same runtime
 directory sees the lifetime lock taken and reports ``EXISTS``.
 """
+import collections
 import ctypes
 import errno
 import fcntl
@@ -31,7 +32,7 @@ import socket
 import sys
 import time
 import traceback
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..exceptions import ProtocolError
 from . import wire
@@ -100,6 +101,10 @@ class Zygote:
         self.max_processes: int = int(cfg.get("max_processes", 1000))
         self.grace: float = float(cfg.get("grace_seconds", 5.0))
         self.start_timeout: float = float(cfg.get("start_timeout_seconds", 60.0))
+        # How many children may be starting at once: a burst of new sessions then queues
+        # here instead of crowding the CPUs that existing users' clicks need.
+        self.max_starting: int = max(1, int(cfg.get("max_starting") or (os.cpu_count() or 1)))
+        self.queued: "collections.deque[Tuple[socket.socket, Dict[str, Any]]]" = collections.deque()
         self.main_path: Optional[str] = cfg.get("main_path")
         self.sel = selectors.DefaultSelector()
         self.children: Dict[str, Child] = {}  # live or starting, by key
@@ -331,6 +336,9 @@ class Zygote:
             else:
                 existing.waiters.append(conn)
             return
+        if len(self.by_ready_fd) >= self.max_starting:
+            self.queued.append((conn, msg))
+            return
         waiters: List[socket.socket] = []
         if existing is not None:
             waiters = existing.waiters
@@ -447,6 +455,14 @@ class Zygote:
             self.by_ready_fd.pop(child.ready_fd, None)
             os.close(child.ready_fd)
             child.ready_fd = None
+            self._start_queued()
+
+    def _start_queued(self) -> None:
+        """A child finished starting (or failed): start what waits, in arrival order."""
+        while self.queued and len(self.by_ready_fd) < self.max_starting and not self.stop:
+            conn, msg = self.queued.popleft()
+            if conn.fileno() >= 0:  # the worker may have given up meanwhile
+                self._spawn(conn, msg)
 
     def _on_exit(self, pidfd: int) -> None:
         child = self.by_pidfd.pop(pidfd, None)
