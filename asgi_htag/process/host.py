@@ -40,13 +40,34 @@ _offered: Set[Tuple[int, Optional[str]]] = set()
 _patched = False
 
 
+class _LogOnlyJson:
+    """Stands in for ``json`` inside ``htag.render``, which uses it only to format INFO log
+    lines (among them an indented dump of every response, made by the slow pure-Python
+    encoder) whether or not INFO is logged: skip that work when nobody reads it."""
+
+    def __init__(self, logger_: logging.Logger) -> None:
+        self._logger = logger_
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        if not self._logger.isEnabledFor(logging.INFO):
+            return "..."
+        return json.dumps(obj, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(json, name)
+
+
 def install_offer_recorder() -> None:
     """Wrap htag's ``BaseCaller.__str__``: every caller that htag writes into the page (an
-    ``interact({...})`` call) records which (id, method) the page may call back."""
+    ``interact({...})`` call) records which (id, method) the page may call back. Also keep
+    htag.render from formatting log lines nobody reads (see :class:`_LogOnlyJson`)."""
     global _patched
     if _patched:
         return
+    import htag.render
     from htag.tag import BaseCaller
+
+    htag.render.json = _LogOnlyJson(logging.getLogger("htag.render"))  # type: ignore[attr-defined]
 
     original = BaseCaller.__str__
 
