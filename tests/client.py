@@ -99,3 +99,8 @@ def recv_json(ws, timeout: float = 10) -> Dict[str, Any]:
 
 def unescape(s: str) -> str:
     return htmlmod.unescape(s)
+
+
+def sel(name: str) -> str:
+    """The CSS selector of an element the test apps mark with data-test."""
+    return f"[data-test={name}]"

@@ -232,17 +232,23 @@ def server(request) -> Iterator[Server]:
 
 
 @pytest.fixture
-def new_client(server):
-    """A factory of httpx clients, each one a separate browser session."""
+def http_clients():
+    """A factory of httpx clients (each one a separate browser session), closed at the end."""
     import httpx
 
     clients = []
 
-    def factory(base_url: Optional[str] = None) -> "httpx.Client":
-        c = httpx.Client(base_url=base_url or server.url, timeout=30)
+    def factory(base_url: str, **kwargs) -> "httpx.Client":
+        c = httpx.Client(base_url=base_url, timeout=30, **kwargs)
         clients.append(c)
         return c
 
     yield factory
     for c in clients:
         c.close()
+
+
+@pytest.fixture
+def new_client(server, http_clients):
+    """Clients of the module's test server."""
+    return lambda base_url=None: http_clients(base_url or server.url)

@@ -5,11 +5,9 @@ import signal
 
 import pytest
 
+from tests.client import sel
+
 pytestmark = [pytest.mark.browser, pytest.mark.server]
-
-
-def sel(name: str) -> str:
-    return f"[data-test={name}]"
 
 
 def test_click_counter(server, page):

@@ -3,10 +3,9 @@ checked with the protocol client and in a real Chromium."""
 import json
 from typing import Iterator
 
-import httpx
 import pytest
 
-from tests.client import Page, recv_json, texts_of
+from tests.client import Page, recv_json, sel, texts_of
 from tests.conftest import Server
 
 pytestmark = pytest.mark.server
@@ -34,22 +33,9 @@ def quart_server() -> Iterator[Server]:
 
 
 @pytest.fixture
-def client_of():
+def client_of(http_clients):
     """A factory of httpx clients, each one a separate browser session."""
-    clients = []
-
-    def factory(server: Server) -> httpx.Client:
-        c = httpx.Client(base_url=server.url, timeout=30, follow_redirects=True)
-        clients.append(c)
-        return c
-
-    yield factory
-    for c in clients:
-        c.close()
-
-
-def sel(name: str) -> str:
-    return f"[data-test={name}]"
+    return lambda server: http_clients(server.url, follow_redirects=True)
 
 
 def click(page: Page, name: str, ws) -> dict:

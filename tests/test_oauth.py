@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import httpx
 import pytest
 
-from tests.client import Page
+from tests.client import Page, sel
 from tests.conftest import ROOT, Server
 
 pytestmark = pytest.mark.server
@@ -75,21 +75,8 @@ def oauth() -> Iterator[Tuple[Server, Provider]]:
 
 
 @pytest.fixture
-def new_client(oauth):
-    clients = []
-
-    def factory() -> httpx.Client:
-        c = httpx.Client(base_url=oauth[0].url, timeout=30)
-        clients.append(c)
-        return c
-
-    yield factory
-    for c in clients:
-        c.close()
-
-
-def sel(name: str) -> str:
-    return f"[data-test={name}]"
+def new_client(oauth, http_clients):
+    return lambda: http_clients(oauth[0].url)
 
 
 def start_login(c: httpx.Client, provider: Provider) -> str:

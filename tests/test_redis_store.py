@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from asgi_htag.redis_store import RedisStore
-from tests.client import Page, recv_json, texts_of
+from tests.client import Page, recv_json
 from tests.conftest import free_port
 
 REDIS = shutil.which("redis-server")
