@@ -599,7 +599,10 @@ def _warm_up(runtime_dir: str) -> None:
             writer.close()
         finally:
             server.close()
-            os.unlink(path)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass  # Python 3.13+ removes a Unix server's socket file on close
 
     asyncio.run(exercise())
     asyncio.set_event_loop_policy(None)
