@@ -160,3 +160,24 @@ def test_parano_http_only_clicks(server, page):
     page.wait_for_selector(f"{sel('value')}:text-is('1')")
     page.click(sel("inc"))
     page.wait_for_selector(f"{sel('value')}:text-is('2')")
+
+
+def test_gone_reloads_once_but_never_endlessly(server, page):
+    page.goto(server.url + "/")
+    page.click(sel("inc"))
+    page.wait_for_selector(f"{sel('value')}:text-is('1')")
+    # the process ends (SIGTERM: it says bye): the page reloads by itself into a fresh one
+    pid = page.text_content(sel("pid"))
+    with page.expect_navigation():
+        os.kill(int(pid), signal.SIGTERM)
+    page.wait_for_selector(sel("pid"))
+    assert page.text_content(sel("pid")) != pid and page.text_content(sel("value")) == "0"
+    # had it already reloaded 3 times in 30 s (cookies blocked...), it stops and says why
+    page.evaluate("() => sessionStorage.setItem('asgi_htag_reloads', JSON.stringify([Date.now(), Date.now(), Date.now()]))")
+    loads = []
+    page.on("load", lambda: loads.append(1))
+    os.kill(int(page.text_content(sel("pid"))), signal.SIGTERM)
+    notice = page.wait_for_selector("#asgi-htag-notice:has-text('cookies')")
+    assert "cannot reach" in notice.text_content()
+    page.wait_for_timeout(1000)
+    assert loads == [], "no reload loop"

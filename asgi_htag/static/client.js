@@ -90,8 +90,18 @@ var __asgi_htag = (function () {
     if (!o || typeof o !== "object" || !o.hasOwnProperty("asgi_htag")) return false;
     var kind = o.asgi_htag;
     if (kind === "gone") {
-      // our instance no longer exists: get a fresh one instead of talking to a ghost
+      // our instance no longer exists: get a fresh one instead of talking to a ghost,
+      // unless reloading does not help (cookies blocked...): then say so and stop
       finished = true;
+      var now = Date.now(), recent = [];
+      try { recent = JSON.parse(sessionStorage.getItem("asgi_htag_reloads") || "[]"); } catch (e) {}
+      recent = recent.filter(function (t) { return now - t < 30000; });
+      if (recent.length >= 3) {
+        notice("This page cannot reach its application instance (are cookies blocked?).", true);
+        return true;
+      }
+      recent.push(now);
+      try { sessionStorage.setItem("asgi_htag_reloads", JSON.stringify(recent)); } catch (e) {}
       notice(o.message || "This page expired; reloading...", false);
       setTimeout(function () { window.location.reload(); }, 300);
     } else if (kind === "dead") {
