@@ -14,6 +14,7 @@ import hashlib
 import html
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -393,6 +394,8 @@ class Engine:
             await ws_close(4001)
             return
         pending = 0
+        pending_since = 0.0
+        waiting: List[Optional[anyio.CancelScope]] = [None]  # from_process's current wait
         try:
             sent_version = store.version()
             await session.reload()
@@ -415,16 +418,34 @@ class Engine:
             async with anyio.create_task_group() as tg:
 
                 async def from_process() -> None:
-                    nonlocal pending
+                    nonlocal pending, pending_since
                     try:
                         while True:
-                            frame, out = await conn.receive_frame()
+                            # The process kills itself (SIGALRM) past timeout_interaction; if
+                            # it is stuck beyond that too (signals blocked...), the fork server
+                            # kills it: no wait here is unbounded while a click is pending.
+                            deadline = math.inf
+                            if pending and timeout_interaction:
+                                deadline = pending_since + timeout_interaction + _BACKSTOP_SECONDS
+                            frame: Optional[Dict[str, Any]] = None
+                            with anyio.CancelScope(deadline=deadline) as scope:
+                                waiting[0] = scope
+                                frame, out = await conn.receive_frame()
+                            waiting[0] = None
+                            if frame is None:
+                                logger.error(
+                                    "process of session %s is stuck past its timeout: killing it",
+                                    session.sid[:6] if session.sid else "-",
+                                )
+                                await self.pool.kill(key)
+                                raise ProcessGone("stuck past timeout_interaction")
                             diff = frame.get("diff")
                             if diff:
                                 await session.apply_changes(diff.get("set") or {}, diff.get("del") or [])
                             t = frame.get("t")
                             if t in ("actions", "error", "hello"):
                                 pending = max(0, pending - 1)
+                                pending_since = anyio.current_time()
                             if t in ("actions", "error", "hello", "push"):
                                 if out is not None:
                                     await ws_send_text(out.decode())
@@ -464,6 +485,10 @@ class Engine:
                         await session.reload()
                         meta["session"] = dict(session)
                         sent_version = version
+                    if not pending:
+                        pending_since = anyio.current_time()
+                        if timeout_interaction and waiting[0] is not None:
+                            waiting[0].deadline = pending_since + timeout_interaction + _BACKSTOP_SECONDS
                     pending += 1
                     try:
                         await conn.send(meta, raw)
@@ -475,6 +500,7 @@ class Engine:
             await ws_close(1000)
 
 
+_BACKSTOP_SECONDS = 2.0
 _GONE = {"asgi_htag": "gone", "message": "This page's instance no longer exists; reloading..."}
 
 

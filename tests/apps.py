@@ -141,3 +141,17 @@ class Ticker(Tag.body):
             self._n += 1
             self.ticks.clear(str(self._n))
             await self.ticks.update()
+
+
+class Stuck(Tag.body):
+    """An interaction that blocks SIGALRM and then hangs: only the worker's backstop can
+    end it."""
+
+    def init(self):
+        self <= Tag.button("stuck", _onclick=self.bind.stuck(), _data_test="stuck")
+
+    def stuck(self):
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        time.sleep(60)

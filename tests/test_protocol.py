@@ -354,3 +354,13 @@ def test_fork_server_killed_recovers_on_next_render(make_server, loop):
         assert again.status == 200 and again.texts["value"] == "0"
         assert c.get("/_stats").json()["pid"] != zygote
         assert Page(c, "/state").texts["from-route"] == "'survives'"
+
+
+def test_a_process_stuck_past_its_timeout_is_killed_by_the_worker(server, new_client):
+    c = new_client()
+    page = Page(c, "/stuck")
+    with page.ws() as ws:
+        ws.send(json.dumps(page.call("stuck")))
+        msg = recv_json(ws, timeout=30)
+    assert msg["asgi_htag"] == "dead" and "too long" in msg["message"]
+    assert Page(c, "/stuck").status == 200, "a reload gives a fresh instance"

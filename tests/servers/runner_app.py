@@ -85,6 +85,10 @@ async def slow(request: Request):
     return await request.app.handle(request, apps.Slow, timeout_interaction=1)
 
 
+async def stuck(request: Request):
+    return await request.app.handle(request, apps.Stuck, timeout_interaction=1)
+
+
 async def crashy(request: Request):
     return await request.app.handle(request, apps.Crashy)
 
@@ -120,6 +124,7 @@ app.add_route("/query", query)
 app.add_route("/state", state)
 app.add_route("/slow", slow)
 app.add_route("/crashy", crashy)
+app.add_route("/stuck", stuck)
 app.add_route("/inactive", inactive)
 app.add_route("/inactive-ticker", inactive_ticker)
 app.add_route("/set", set_value)
