@@ -29,14 +29,6 @@ class PoolFull(HtagError):
     """The host already runs ``max_processes`` per-session processes."""
 
 
-class InteractionTimeout(HtagError):
-    """An interaction ran past ``timeout_interaction``; its process was killed."""
-
-
-class Forbidden(HtagError):
-    """A client asked for something the rendered page does not offer."""
-
-
 __all__ = (
     "HtagError",
     "ConfigurationError",
@@ -45,6 +37,4 @@ __all__ = (
     "ProcessStartError",
     "ProcessGone",
     "PoolFull",
-    "InteractionTimeout",
-    "Forbidden",
 )
