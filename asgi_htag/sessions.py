@@ -24,6 +24,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, MutableMapping, Optional, Set, Tuple, Union
 
+import anyio
 import anyio.to_thread
 
 from ._types import ASGIApp, Message, Receive, Scope, Send
@@ -225,9 +226,19 @@ class SQLiteStore(SessionStore):
         # Connections inherited through fork() belong to the parent: closing them here could
         # disturb its locks, so they are kept referenced and never touched again.
         self._inherited: List[sqlite3.Connection] = []
+        self._write_limiter: Optional["anyio.CapacityLimiter"] = None
+        self._write_limiter_pid = 0
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r}, max_age_seconds={self.max_age_seconds})"
+
+    def _limiter(self) -> "anyio.CapacityLimiter":
+        # Writes serialize on SQLite's lock anyway: one thread for them, not one per
+        # request waiting on that lock (a burst of new sessions must not fill the pool).
+        if self._write_limiter is None or self._write_limiter_pid != os.getpid():
+            self._write_limiter = anyio.CapacityLimiter(1)
+            self._write_limiter_pid = os.getpid()
+        return self._write_limiter
 
     def _check_pid(self) -> None:
         pid = os.getpid()
@@ -349,7 +360,7 @@ class SQLiteStore(SessionStore):
         """See :meth:`SessionStore.apply`. Runs in a worker thread."""
         encoded, removed = _encode_changes(changed, deleted)
         await self._ready()
-        return await anyio.to_thread.run_sync(self._apply_sync, sid, encoded, removed)
+        return await anyio.to_thread.run_sync(self._apply_sync, sid, encoded, removed, limiter=self._limiter())
 
     def _touch_sync(self, sid: str) -> None:
         conn = self._writer
@@ -371,7 +382,7 @@ class SQLiteStore(SessionStore):
         if known is not None and known - _now() > self.max_age_seconds - self._touch_interval:
             return
         await self._ready()
-        await anyio.to_thread.run_sync(self._touch_sync, sid)
+        await anyio.to_thread.run_sync(self._touch_sync, sid, limiter=self._limiter())
 
     def _delete_sync(self, sid: str) -> None:
         conn = self._writer
@@ -383,7 +394,7 @@ class SQLiteStore(SessionStore):
     async def delete(self, sid: str) -> None:
         """See :meth:`SessionStore.delete`. Runs in a worker thread."""
         await self._ready()
-        await anyio.to_thread.run_sync(self._delete_sync, sid)
+        await anyio.to_thread.run_sync(self._delete_sync, sid, limiter=self._limiter())
 
     def _close_sync(self) -> None:
         with self._write_lock:
