@@ -181,3 +181,34 @@ def test_gone_reloads_once_but_never_endlessly(server, page):
     assert "cannot reach" in notice.text_content()
     page.wait_for_timeout(1000)
     assert loads == [], "no reload loop"
+
+
+def test_page_survives_a_server_restart(make_server, page):
+    from tests.conftest import Server
+
+    srv = make_server(env={"TEST_ZYGOTE_GRACE": "1"})
+    page.goto(srv.url + "/")
+    page.click(sel("inc"))
+    page.wait_for_selector(f"{sel('value')}:text-is('1')")
+    old_pid = page.text_content(sel("pid"))
+    srv.stop()
+    assert not srv.wait_no_processes(), "stopping the server stopped every process"
+    # the same server comes back (same port, same state): the page reconnects by itself,
+    # learns its instance is gone and reloads into a fresh one
+    again = Server(srv.target, env={"TEST_ZYGOTE_GRACE": "1"})
+    again.port, again.tmp = srv.port, srv.tmp
+    again.state_dir, again.runtime_dir = srv.state_dir, srv.runtime_dir
+    again.env.update({"ASGI_HTAG_STATE_DIR": str(srv.state_dir), "ASGI_HTAG_RUNTIME_DIR": str(srv.runtime_dir)})
+    again.start()
+    try:
+        page.wait_for_function(f"() => document.querySelector('[data-test=pid]') && "
+                               f"document.querySelector('[data-test=pid]').textContent !== '{old_pid}'",
+                               timeout=30000)
+        assert page.text_content(sel("value")) == "0"
+        page.click(sel("inc"))
+        page.wait_for_selector(f"{sel('value')}:text-is('1')")
+    finally:
+        again.stop()
+        left = again.wait_no_processes()
+        again.cleanup()
+        assert not left
