@@ -201,9 +201,19 @@ def test_page_survives_a_server_restart(make_server, page):
     again.env.update({"ASGI_HTAG_STATE_DIR": str(srv.state_dir), "ASGI_HTAG_RUNTIME_DIR": str(srv.runtime_dir)})
     again.start()
     try:
-        page.wait_for_function(f"() => document.querySelector('[data-test=pid]') && "
-                               f"document.querySelector('[data-test=pid]').textContent !== '{old_pid}'",
-                               timeout=30000)
+        from playwright.sync_api import Error as PlaywrightError
+
+        new_pid = old_pid
+        for _ in range(300):  # bounded: reconnect backoff, then a reload
+            try:
+                new_pid = page.text_content(sel("pid"), timeout=1000)
+            except PlaywrightError:  # the page is navigating
+                new_pid = old_pid
+            if new_pid != old_pid:
+                break
+            page.wait_for_timeout(100)
+        assert new_pid != old_pid, "the page reloaded into a fresh instance"
+        page.wait_for_load_state()
         assert page.text_content(sel("value")) == "0"
         page.click(sel("inc"))
         page.wait_for_selector(f"{sel('value')}:text-is('1')")
