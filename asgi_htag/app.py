@@ -387,6 +387,7 @@ class Engine:
             await ws_close(4001)
             return
         key = process_key(session.sid, app_id)
+        short_sid = session.sid[:6]
         try:
             conn = await self.pool.connect(key)
         except ProcessGone:
@@ -413,7 +414,7 @@ class Engine:
             timeout_interaction = reply.get("timeout_interaction") or 0
             if out:
                 await ws_send_text(out.decode())
-            logger.debug("websocket of session %s subscribed to process %s", session.sid[:6], reply.get("pid"))
+            logger.debug("websocket of session %s subscribed to process %s", short_sid, reply.get("pid"))
 
             async with anyio.create_task_group() as tg:
 
@@ -433,10 +434,7 @@ class Engine:
                                 frame, out = await conn.receive_frame()
                             waiting[0] = None
                             if frame is None:
-                                logger.error(
-                                    "process of session %s is stuck past its timeout: killing it",
-                                    session.sid[:6] if session.sid else "-",
-                                )
+                                logger.error("process of session %s is stuck past its timeout: killing it", short_sid)
                                 await self.pool.kill(key)
                                 raise ProcessGone("stuck past timeout_interaction")
                             diff = frame.get("diff")
@@ -454,13 +452,11 @@ class Engine:
                                 await ws_close(4001)
                                 break
                     except ProcessGone:
-                        logger.warning(
-                            "process of session %s died (interaction pending: %s)", session.sid[:6] if session.sid else "-", bool(pending)
-                        )
+                        logger.warning("process of session %s died (interaction pending: %s)", short_sid, bool(pending))
                         await ws_send(_dead_message(bool(pending), timeout_interaction))
                         await ws_close(4002)
                     except ProtocolError as exc:
-                        logger.error("process of session %s broke the protocol: %s", session.sid[:6] if session.sid else "-", exc)
+                        logger.error("process of session %s broke the protocol: %s", short_sid, exc)
                         await ws_send(_dead_message(False))
                         await ws_close(4002)
                     tg.cancel_scope.cancel()

@@ -212,10 +212,10 @@ def test_inactivity_timeout_ends_the_process(server, new_client):
     c = new_client()
     page = Page(c, "/inactive")
     with page.ws() as ws:
-        assert texts_of(click(ws, page, "inc"))["value"] == "1"
-        msg = recv_json(ws, timeout=30)  # nothing more is sent: the process says bye
+        # nothing is sent: after 1 s without interaction the process says bye
+        msg = recv_json(ws, timeout=30)
     assert msg["asgi_htag"] == "gone"
-    assert Page(c, "/inactive").texts["value"] == "0"
+    assert Page(c, "/inactive").texts["pid"] != page.texts["pid"], "a reload builds a new instance"
 
 
 def test_resync_after_reconnect_redraws_missed_pushes(server, new_client):

@@ -43,6 +43,44 @@ def click_post(page: Page, name: str) -> str:
     return texts_of(r.json())["value"], r.headers["x-worker-pid"]
 
 
+def posts_over_several_workers(page: Page, done: int = 0):
+    """Clicks by POST, in concurrent bursts on fresh connections, until at least two
+    workers have answered (the kernel hands idle workers the extra connections; bounded).
+    Checks that one instance counted every click; returns (workers seen, clicks so far)."""
+    workers = set()
+    with ThreadPoolExecutor(6) as ex:
+        for _ in range(30):
+            results = list(ex.map(lambda _: click_post(page, "inc"), range(6)))
+            assert sorted(int(v) for v, _ in results) == list(range(done + 1, done + 7))
+            done += 6
+            workers.update(w for _, w in results)
+            if len(workers) >= 2:
+                break
+    assert len(workers) >= 2, f"requests should have reached several workers, got {workers}"
+    return workers, done
+
+
+def ws_clicks_over_several_workers(page: Page, done: int):
+    """The same with websockets: each click on its own new websocket connection."""
+
+    def one(_):
+        with page.ws() as ws:
+            ws.send(json.dumps(page.call("inc")))
+            return int(texts_of(recv_json(ws))["value"]), ws.response.headers["x-worker-pid"]
+
+    workers = set()
+    with ThreadPoolExecutor(4) as ex:
+        for _ in range(30):
+            results = list(ex.map(one, range(4)))
+            assert sorted(v for v, _ in results) == list(range(done + 1, done + 5))
+            done += 4
+            workers.update(w for _, w in results)
+            if len(workers) >= 2:
+                break
+    assert len(workers) >= 2, f"websockets should have reached several workers, got {workers}"
+    return workers, done
+
+
 @pytest.fixture(scope="module", params=["asyncio", "uvloop"])
 def gunicorn4(request):
     """gunicorn -w 4 --preload, once per event loop for this module."""
@@ -60,26 +98,12 @@ def test_one_session_across_four_gunicorn_workers(gunicorn4):
     try:
         page = Page(c, "/http")
         pid = page.texts["pid"]
-        workers, values = set(), []
-        for _ in range(24):
-            value, worker = click_post(page, "inc")
-            values.append(value)
-            workers.add(worker)
-        assert values == [str(i) for i in range(1, 25)], "one instance answered every request"
-        assert len(workers) >= 2, f"requests should have reached several workers, got {workers}"
-        for _ in range(8):
-            again = Page(c, "/http")
-            assert again.texts["pid"] == pid
-            workers.add(again.response.headers["x-worker-pid"])
+        posts_over_several_workers(page)
+        renders = [Page(c, "/http") for _ in range(8)]
+        assert {p.texts["pid"] for p in renders} == {pid}, "every render found the same instance"
         # websockets, each on a new connection, reach the same instance too
         page = Page(c, "/")
-        ws_workers = set()
-        for i in range(1, 9):
-            with page.ws() as ws:
-                ws_workers.add(ws.response.headers["x-worker-pid"])
-                ws.send(json.dumps(page.call("inc")))
-                assert texts_of(recv_json(ws))["value"] == str(i)
-        assert len(ws_workers) >= 2
+        ws_clicks_over_several_workers(page, 0)
     finally:
         c.close()
 
@@ -89,7 +113,9 @@ def test_tag_update_reaches_pages_on_every_worker(gunicorn4):
     try:
         page = Page(c, "/pusher")
         with contextlib.ExitStack() as stack:
-            sockets = [stack.enter_context(page.ws()) for _ in range(6)]
+            sockets = []
+            while len(sockets) < 30 and (len(sockets) < 4 or len({ws.response.headers["x-worker-pid"] for ws in sockets}) < 2):
+                sockets.append(stack.enter_context(page.ws()))
             assert len({ws.response.headers["x-worker-pid"] for ws in sockets}) >= 2
             sockets[0].send(json.dumps(page.call("start")))
             for ws in sockets:
@@ -160,10 +186,17 @@ def test_max_requests_restarts_and_hup_keep_instances(make_server):
         pid = page.texts["pid"]
         seen_workers = set()
         i = 0
-        while len(seen_workers) < 4 and i < 300:  # until max_requests has recycled workers
-            i += 1
-            value, worker = click_post(page, "inc")
-            assert value == str(i), "every request reached the same living instance"
+        for _ in range(300):  # until max_requests has recycled workers
+            if len(seen_workers) >= 4:
+                break
+            try:
+                value, worker = click_post(page, "inc")
+            except httpx.TransportError:
+                # a connection the exiting worker accepted but never answered (uvicorn's
+                # shutdown); whether that click counted or not, the instance lives on
+                continue
+            assert int(value) in (i + 1, i + 2), "every request reached the same living instance"
+            i = int(value)
             seen_workers.add(worker)
         assert len(seen_workers) >= 4, "max_requests should have recycled workers"
         before = set(worker_pids(srv.proc.pid))
@@ -184,17 +217,7 @@ def test_uvicorn_workers_share_sessions(make_server, loop):
     c = fresh_connection_client(srv.url)
     try:
         page = Page(c, "/http")
-        workers, done = set(), 0
-        # concurrent bursts: the kernel hands idle workers the extra connections
-        with ThreadPoolExecutor(6) as ex:
-            for _ in range(30):
-                results = list(ex.map(lambda _: click_post(page, "inc"), range(6)))
-                assert sorted(int(v) for v, _ in results) == list(range(done + 1, done + 7))
-                done += 6
-                workers.update(w for _, w in results)
-                if len(workers) >= 2:
-                    break
-        assert len(workers) >= 2, "requests should have reached several workers"
+        _, done = posts_over_several_workers(page)
         assert Page(c, "/http").texts["value"] == str(done), "one instance counted every click"
     finally:
         c.close()

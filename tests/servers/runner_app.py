@@ -49,56 +49,31 @@ app = Runner(
 )
 
 
-async def pusher(request: Request):
-    return await request.app.handle(request, apps.Pusher)
+def page_of(obj, **overrides):
+    """A route serving another htag app, the way users write it:
+    ``async def route(request): return await request.app.handle(request, App, ...)``."""
+
+    async def route(request: Request):
+        return await request.app.handle(request, obj, **overrides)
+
+    return route
 
 
-async def pusher_http(request: Request):
-    return await request.app.handle(request, apps.Pusher, http_only=True)
-
-
-async def parano(request: Request):
-    return await request.app.handle(request, apps.Counter, parano=True)
-
-
-async def parano_http(request: Request):
-    return await request.app.handle(request, apps.Counter, parano=True, http_only=True)
-
-
-async def parano_pusher(request: Request):
-    return await request.app.handle(request, apps.Pusher, parano=True)
-
-
-async def http_counter(request: Request):
-    return await request.app.handle(request, apps.Counter, http_only=True)
-
-
-async def query(request: Request):
-    return await request.app.handle(request, "tests.apps:Query")
-
-
-async def state(request: Request):
-    return await request.app.handle(request, apps.State)
-
-
-async def slow(request: Request):
-    return await request.app.handle(request, apps.Slow, timeout_interaction=1)
-
-
-async def stuck(request: Request):
-    return await request.app.handle(request, apps.Stuck, timeout_interaction=1)
-
-
-async def crashy(request: Request):
-    return await request.app.handle(request, apps.Crashy)
-
-
-async def inactive(request: Request):
-    return await request.app.handle(request, apps.Counter, timeout_inactivity=1)
-
-
-async def inactive_ticker(request: Request):
-    return await request.app.handle(request, apps.Ticker, timeout_inactivity=1)
+PAGES = {
+    "/pusher": page_of(apps.Pusher),
+    "/pusher-http": page_of(apps.Pusher, http_only=True),
+    "/http": page_of(apps.Counter, http_only=True),
+    "/parano": page_of(apps.Counter, parano=True),
+    "/parano-http": page_of(apps.Counter, parano=True, http_only=True),
+    "/parano-pusher": page_of(apps.Pusher, parano=True),
+    "/query": page_of("tests.apps:Query"),  # an app given by name
+    "/state": page_of(apps.State),
+    "/slow": page_of(apps.Slow, timeout_interaction=1),
+    "/stuck": page_of(apps.Stuck, timeout_interaction=1),
+    "/crashy": page_of(apps.Crashy),
+    "/inactive": page_of(apps.Counter, timeout_inactivity=1),
+    "/inactive-ticker": page_of(apps.Ticker, timeout_inactivity=1),
+}
 
 
 async def set_value(request: Request):
@@ -114,19 +89,8 @@ async def stats(request: Request):
     return JSONResponse(await request.app.engine.pool.stats())
 
 
-app.add_route("/pusher", pusher)
-app.add_route("/http", http_counter)
-app.add_route("/parano", parano)
-app.add_route("/parano-http", parano_http)
-app.add_route("/parano-pusher", parano_pusher)
-app.add_route("/pusher-http", pusher_http)
-app.add_route("/query", query)
-app.add_route("/state", state)
-app.add_route("/slow", slow)
-app.add_route("/crashy", crashy)
-app.add_route("/stuck", stuck)
-app.add_route("/inactive", inactive)
-app.add_route("/inactive-ticker", inactive_ticker)
+for path, route in PAGES.items():
+    app.add_route(path, route)
 app.add_route("/set", set_value)
 app.add_route("/get", get_value)
 app.add_route("/_stats", stats)
