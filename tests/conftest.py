@@ -103,8 +103,22 @@ class Server:
         self._stdout = self.proc.stdout
         self._pump_thread = threading.Thread(target=self._pump, daemon=True)
         self._pump_thread.start()
+        deadline = time.monotonic() + timeout
         self.wait_for_log("Application startup complete", count=self.workers, timeout=timeout)
+        # a single uvicorn logs the lifespan startup before it binds its socket: wait until
+        # the port really accepts connections
+        self._wait_listening(deadline)
         return self
+
+    def _wait_listening(self, deadline: float) -> None:
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or (self.proc is not None and self.proc.poll() is not None):
+                    raise AssertionError(f"server never listened on {self.port}:\n" + self.log()[-4000:])
+                time.sleep(0.02)
 
     def _pump(self) -> None:
         stream = self._stdout

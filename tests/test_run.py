@@ -56,7 +56,7 @@ def script_server(tmp_path):
     def pump():
         for line in proc.stdout:
             lines.append(line)
-            if "Application startup complete" in line:
+            if "Uvicorn running on" in line:  # logged once the socket listens
                 started.set()
         started.set()
 
