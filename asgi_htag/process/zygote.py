@@ -604,21 +604,39 @@ def _warm_up(runtime_dir: str) -> None:
             except FileNotFoundError:
                 pass  # Python 3.13+ removes a Unix server's socket file on close
 
-    asyncio.run(exercise())
+    _run(exercise())
+
+
+def _run(coro: Any) -> None:
+    """Run ``coro`` to completion on a new event loop: uvloop's when it is installed (it
+    relays a frame in about half the CPU time of asyncio's selector loop), else asyncio's."""
+    import asyncio
+
     asyncio.set_event_loop_policy(None)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+        return
+    if hasattr(asyncio, "Runner"):  # Python 3.11+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(coro)
+    else:
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        try:
+            asyncio.run(coro)
+        finally:
+            asyncio.set_event_loop_policy(None)
 
 
 def _child_main(spec: Dict[str, Any], cls: type, client_js: str, ready_fd: int) -> None:  # pragma: no cover
     """Body of a forked per-session process."""
-    import asyncio
-
     if _prctl is not None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     from .host import serve
 
     gc.enable()
-    asyncio.set_event_loop_policy(None)
-    asyncio.run(serve(spec, cls, client_js, ready_fd))
+    _run(serve(spec, cls, client_js, ready_fd))
 
 
 def _configure_logging(level: str) -> None:
