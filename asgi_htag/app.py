@@ -27,7 +27,7 @@ from urllib.parse import parse_qs
 import anyio
 
 from ._types import Receive, Scope, Send
-from .config import Secret, check_runtime_dir, default_runtime_dir, default_state_dir, load_secret
+from .config import Secret, check_process_loop, check_runtime_dir, default_runtime_dir, default_state_dir, load_secret
 from .exceptions import ConfigurationError, PoolFull, ProcessGone, ProcessStartError, ProtocolError
 from .process.pool import PoolConfig, ProcessPool
 from .sessions import Session, SessionMiddleware, SessionStore, default_store
@@ -119,7 +119,11 @@ def _header(scope: Scope, name: bytes) -> Optional[str]:
 
 class Engine:
     """Worker-side machinery shared by :class:`HtagASGI` and the Runner: settings, the
-    session store, the process pool and the three handlers."""
+    session store, the process pool and the three handlers.
+
+    ``process_loop`` is the event loop of the per-session processes: "auto" (uvloop when it
+    is installed, else asyncio), "uvloop" (required) or "asyncio". The fork server is
+    shared by every worker of a runtime directory: the first one to start it sets it."""
 
     def __init__(
         self,
@@ -133,11 +137,13 @@ class Engine:
         zygote_grace_seconds: float = 5.0,
         allowed_origins: Optional[List[str]] = None,
         log_level: Optional[str] = None,
+        process_loop: str = "auto",
     ) -> None:
         if max_processes < 1:
             raise ConfigurationError("max_processes must be >= 1")
         if max_message_bytes < 1024:
             raise ConfigurationError("max_message_bytes must be >= 1024")
+        check_process_loop(process_loop)
         self.state_dir = Path(state_dir).absolute() if state_dir else default_state_dir()
         self.runtime_dir = Path(runtime_dir).absolute() if runtime_dir else default_runtime_dir(self.state_dir)
         self._secret_arg = secret
@@ -153,6 +159,7 @@ class Engine:
             runtime_dir=self.runtime_dir,
             max_processes=max_processes,
             grace_seconds=zygote_grace_seconds,
+            process_loop=process_loop,
             log_level=log_level or logging.getLevelName(logging.getLogger("asgi_htag").getEffectiveLevel()),
         )
         self._pool: Optional[ProcessPool] = None
@@ -554,7 +561,7 @@ class HtagASGI:
             before its process is killed; 0 disables.
         timeout_inactivity: seconds without interaction after which a process exits; 0 = never.
         state_dir, runtime_dir, secret, store, max_processes, max_message_bytes,
-        allowed_origins: see :class:`Engine`.
+        allowed_origins, zygote_grace_seconds, process_loop: see :class:`Engine`.
 
     Raises:
         ConfigurationError: at construction, for a bad app reference or bad settings.

@@ -115,6 +115,23 @@ def check_runtime_dir(path: PathLike) -> Path:
     return p
 
 
+PROCESS_LOOPS = ("auto", "uvloop", "asyncio")
+
+
+def check_process_loop(name: str) -> str:
+    """Validate the ``process_loop`` setting: "auto" (uvloop when it is installed, else
+    asyncio), "uvloop" (required: an error now rather than in every process later) or
+    "asyncio"."""
+    if name not in PROCESS_LOOPS:
+        raise ConfigurationError(f"process_loop must be one of {', '.join(PROCESS_LOOPS)}, not {name!r}")
+    if name == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError as exc:
+            raise ConfigurationError("process_loop='uvloop' but uvloop is not installed") from exc
+    return name
+
+
 def load_secret(state_dir: PathLike, secret: Optional[Union[str, bytes, Secret]] = None) -> Secret:
     """The cookie-signing secret: the argument, else ``$ASGI_HTAG_SECRET``, else a random one
     created once in ``<state_dir>/secret`` (mode 0600) and shared by every worker and restart."""

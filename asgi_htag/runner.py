@@ -62,7 +62,8 @@ class Runner(Starlette):
         routes, middleware: more Starlette routes and middleware (they run inside the
             session middleware, so ``request.session`` is the apps' session).
         **engine_options: ``state_dir``, ``runtime_dir``, ``secret``, ``store``,
-            ``max_processes``, ``max_message_bytes``, ``allowed_origins``... (see Engine).
+            ``max_processes``, ``max_message_bytes``, ``allowed_origins``,
+            ``process_loop``... (see Engine).
     """
 
     def __init__(

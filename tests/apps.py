@@ -155,3 +155,12 @@ class Stuck(Tag.body):
 
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
         time.sleep(60)
+
+
+class LoopName(Tag.body):
+    """Shows which event loop its process runs on (the process_loop setting)."""
+
+    def init(self):
+        import asyncio
+
+        self <= Tag.span(type(asyncio.get_running_loop()).__module__, _data_test="loop")

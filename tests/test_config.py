@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from asgi_htag.config import (
+    check_process_loop,
     ENV_SECRET,
     Secret,
     check_runtime_dir,
@@ -81,3 +82,28 @@ def test_default_runtime_dir_is_short_and_per_state_dir(tmp_path, monkeypatch):
     b = default_runtime_dir(tmp_path / "b")
     assert a != b and len(os.fsencode(a)) <= 70
     assert default_runtime_dir(tmp_path / "a") == a
+
+
+@pytest.mark.parametrize("name", ["auto", "uvloop", "asyncio"])
+def test_process_loop_names(name):
+    assert check_process_loop(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "trio", "UVLOOP", "asyncio ", None, 1])
+def test_process_loop_other_values_are_refused_at_construction(tmp_path, name):
+    from asgi_htag import HtagASGI, Runner
+    from tests.apps import Counter
+
+    with pytest.raises(ConfigurationError, match="process_loop"):
+        check_process_loop(name)
+    with pytest.raises(ConfigurationError, match="process_loop"):
+        Runner(Counter, state_dir=tmp_path, process_loop=name)
+    with pytest.raises(ConfigurationError, match="process_loop"):
+        HtagASGI(Counter, state_dir=tmp_path, process_loop=name)
+
+
+def test_process_loop_uvloop_without_uvloop_is_refused(monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # what an environment without it sees
+    with pytest.raises(ConfigurationError, match="not installed"):
+        check_process_loop("uvloop")
+    assert check_process_loop("auto") == "auto"

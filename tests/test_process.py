@@ -197,3 +197,20 @@ def test_a_burst_of_new_sessions_queues_and_every_one_starts(runtime):
     results, stats = run(scenario, runtime, max_starting=1)
     assert len({r["pid"] for r in results.values()}) == 8 and all(r["created"] for r in results.values())
     assert stats["count"] == 8
+
+
+@pytest.mark.parametrize("setting, expected", [("asyncio", "asyncio."), ("uvloop", "uvloop"), ("auto", "uvloop")])
+def test_process_loop_setting_picks_the_event_loop_of_every_process(runtime, setting, expected):
+    async def scenario(pool):
+        info = await pool.spawn(KEY, "tests.apps:LoopName", [[], {}], {}, OPTS)
+        conn = await pool.acquire(KEY)
+        try:
+            return await conn.request({"t": "render", "token": info["token"]})
+        finally:
+            await pool.release(conn)
+
+    reply = run(scenario, runtime, process_loop=setting)
+    import re
+
+    loop_module = re.search(r'data-test="loop"[^>]*>([^<]*)<', reply["html"]).group(1)
+    assert loop_module.startswith(expected), loop_module

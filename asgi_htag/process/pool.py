@@ -46,6 +46,7 @@ class PoolConfig:
     log_level: str = "WARNING"
     apps: Tuple[str, ...] = field(default=())
     max_starting: int = 0  # processes starting at once; 0 = one per CPU
+    process_loop: str = "auto"  # event loop of the per-session processes: auto, uvloop, asyncio
 
 
 class ChildConnection:
@@ -181,6 +182,7 @@ class ProcessPool:
             "grace_seconds": self.config.grace_seconds,
             "start_timeout_seconds": self.config.start_timeout_seconds,
             "max_starting": self.config.max_starting,
+            "process_loop": self.config.process_loop,
             "log_level": self.config.log_level,
             "sys_path": [p or os.getcwd() for p in sys.path],
             "main_path": self.main_path,

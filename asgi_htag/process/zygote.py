@@ -607,18 +607,26 @@ def _warm_up(runtime_dir: str) -> None:
     _run(exercise())
 
 
+_PROCESS_LOOP = "auto"  # set from the zygote's config: see _run
+
+
 def _run(coro: Any) -> None:
-    """Run ``coro`` to completion on a new event loop: uvloop's when it is installed (it
-    relays a frame in about half the CPU time of asyncio's selector loop), else asyncio's."""
+    """Run ``coro`` to completion on a new event loop: uvloop's when it is installed and
+    the ``process_loop`` setting allows it (it relays a frame for less CPU than asyncio's
+    selector loop), else asyncio's."""
     import asyncio
 
     asyncio.set_event_loop_policy(None)
-    try:
-        import uvloop
-    except ImportError:
+    uvloop: Any = None
+    if _PROCESS_LOOP != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if _PROCESS_LOOP == "uvloop":
+                raise
+    if uvloop is None:
         asyncio.run(coro)
-        return
-    if hasattr(asyncio, "Runner"):  # Python 3.11+
+    elif hasattr(asyncio, "Runner"):  # Python 3.11+
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(coro)
     else:
@@ -659,6 +667,8 @@ def main(argv: List[str]) -> int:
     os.setsid()
     gc.disable()  # see Zygote._spawn: the zygote's heap stays dense and shared
     _configure_logging(cfg.get("log_level", "WARNING"))
+    global _PROCESS_LOOP
+    _PROCESS_LOOP = cfg.get("process_loop") or "auto"
     for p in reversed(cfg.get("sys_path") or []):
         if p not in sys.path:
             sys.path.insert(0, p)
