@@ -256,6 +256,10 @@ class Engine:
                     conn = None
                 if attempt == 2:
                     return 500, _error_page("Application error", "The application process stopped while rendering.")
+                # It is exiting (inactivity, exit(), a crash) but the fork server has not
+                # reaped it yet and would hand it out again: have it dropped (that pid only,
+                # not a replacement another worker may have made) so the retry gets a new one.
+                await pool.kill(key, info.get("pid"))
                 continue
             finally:
                 if conn is not None:

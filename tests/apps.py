@@ -164,3 +164,26 @@ class LoopName(Tag.body):
         import asyncio
 
         self <= Tag.span(type(asyncio.get_running_loop()).__module__, _data_test="loop")
+
+
+class Quitter(Tag.body):
+    """Calls exit(), and its process then lingers a moment after it has closed its socket
+    (a task that is slow to cancel): the window in which the process is leaving but the
+    fork server still counts it."""
+
+    def init(self):
+        self <= Tag.button("quit", _onclick=self.bind.quit(), _data_test="quit")
+        self <= Tag.span(str(os.getpid()), _data_test="pid")
+
+    def quit(self):
+        import asyncio
+
+        async def linger():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                await asyncio.sleep(1.5)  # the process's shutdown waits for it
+                raise
+
+        self._linger = asyncio.ensure_future(linger())
+        self.exit()

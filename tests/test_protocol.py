@@ -3,6 +3,7 @@ HTTP and websocket clients, one OS process per session."""
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,21 @@ def test_inactivity_timeout_ends_the_process(server, new_client):
         msg = recv_json(ws, timeout=30)
     assert msg["asgi_htag"] == "gone"
     assert Page(c, "/inactive").texts["pid"] != page.texts["pid"], "a reload builds a new instance"
+
+
+def test_a_render_while_the_process_is_leaving_gets_a_fresh_process(server, new_client):
+    """The app called exit(): its process has said bye and closed its socket, but it is
+    still alive a moment (the fork server still counts it). A reload in that moment gets a
+    page from a fresh process, not an error."""
+    c = new_client()
+    page = Page(c, "/quitter")
+    with page.ws() as ws:
+        ws.send(json.dumps(page.call("quit")))
+        msgs = [recv_json(ws), recv_json(ws)]
+    assert msgs[-1]["asgi_htag"] == "gone"
+    again = Page(c, "/quitter")
+    assert again.status == 200, again.html[-500:]
+    assert again.texts["pid"] != page.texts["pid"]
 
 
 def test_resync_after_reconnect_redraws_missed_pushes(server, new_client):

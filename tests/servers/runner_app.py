@@ -71,6 +71,7 @@ PAGES = {
     "/slow": page_of(apps.Slow, timeout_interaction=1),
     "/stuck": page_of(apps.Stuck, timeout_interaction=1),
     "/crashy": page_of(apps.Crashy),
+    "/quitter": page_of(apps.Quitter),
     "/inactive": page_of(apps.Counter, timeout_inactivity=1),
     "/inactive-ticker": page_of(apps.Ticker, timeout_inactivity=1),
 }
