@@ -248,17 +248,29 @@ class Engine:
                 return 500, _error_page("Application error", detail, pre=opts.debug)
             conn = None
             try:
+                request = {"t": "render", "token": info["token"], "session": dict(session)}
                 conn = await pool.acquire(key)
-                reply = await conn.request({"t": "render", "token": info["token"], "session": dict(session)})
+                try:
+                    reply = await conn.request(request)
+                except ProcessGone:
+                    if not conn.reused:
+                        raise
+                    # an idle connection to a process that has died since (maybe replaced
+                    # under the same socket name): drop them all, ask once more afresh
+                    await conn.aclose()
+                    await pool.drop_idle(key)
+                    conn = await pool.connect(key)
+                    reply = await conn.request(request)
             except ProcessGone:
                 if conn is not None:
                     await conn.aclose()
                     conn = None
                 if attempt == 2:
                     return 500, _error_page("Application error", "The application process stopped while rendering.")
-                # It is exiting (inactivity, exit(), a crash) but the fork server has not
-                # reaped it yet and would hand it out again: have it dropped (that pid only,
-                # not a replacement another worker may have made) so the retry gets a new one.
+                # A fresh connection failed: the process is exiting (inactivity, exit(), a
+                # crash) but the fork server has not reaped it yet and would hand it out
+                # again. Have it dropped (that pid only, not a replacement another worker may
+                # have made) so that the retry gets a new one.
                 await pool.kill(key, info.get("pid"))
                 continue
             finally:
@@ -332,10 +344,22 @@ class Engine:
         except ProcessGone:
             await _send_json(send, 200, _GONE)
             return
+        meta = {"t": "interact", "token": token, "session": dict(session)}
         try:
             # the body goes to the process untouched: it parses and checks it
-            await conn.send({"t": "interact", "token": token, "session": dict(session)}, bytes(body))
-            reply, out = await conn.receive_frame()
+            try:
+                await conn.send(meta, bytes(body))
+                reply, out = await conn.receive_frame()
+            except ProcessGone:
+                if not conn.reused:
+                    raise
+                # an idle connection to a process that died since: nothing ran there; ask
+                # the session's process of now (a replacement answers "gone" to the token)
+                await conn.aclose()
+                await pool.drop_idle(key)
+                conn = await pool.connect(key)
+                await conn.send(meta, bytes(body))
+                reply, out = await conn.receive_frame()
         except ProcessGone:
             await conn.aclose()
             await _send_json(send, 200, _dead_message(True))

@@ -187,3 +187,20 @@ class Quitter(Tag.body):
 
         self._linger = asyncio.ensure_future(linger())
         self.exit()
+
+
+class Napper(Tag.body):
+    """An interaction that takes a moment (well under any timeout): concurrent clicks
+    keep several connections to the process busy at once."""
+
+    def init(self):
+        self <= Tag.button("nap", _onclick=self.bind.nap(), _data_test="nap")
+        self.naps = Tag.span("0", _data_test="naps")
+        self <= self.naps
+        self <= Tag.span(str(os.getpid()), _data_test="pid")
+        self.count = 0
+
+    def nap(self):
+        time.sleep(0.2)
+        self.count += 1
+        self.naps.clear(str(self.count))

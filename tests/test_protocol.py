@@ -192,6 +192,33 @@ def test_killed_process_is_noticed_and_replaced(server, new_client):
     assert Page(c, "/state").texts["from-route"] == "'keepme'", "the session survived its process"
 
 
+def test_killed_process_behind_pooled_connections_is_replaced_once(server, new_client):
+    """Concurrent POSTs leave several idle connections to the process in the worker's pool;
+    once the process is killed they all lead nowhere. The next render makes one new process
+    (not one per stale connection, and no error), later renders keep it, its POSTs work."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    c = new_client()
+    page = Page(c, "/napper-http")
+    pid = page.texts["pid"]
+
+    def nap(_):
+        with httpx.Client(base_url=c.base_url, cookies=c.cookies, timeout=30) as other:
+            return other.post(f"{page.cfg['post']}?t={page.cfg['token']}", json=page.call("nap")).status_code
+
+    with ThreadPoolExecutor(3) as ex:
+        assert list(ex.map(nap, range(3))) == [200, 200, 200]
+    assert Page(c, "/napper-http").texts["naps"] == "3"
+    os.kill(int(pid), signal.SIGKILL)
+    fresh = Page(c, "/napper-http")
+    assert fresh.status == 200 and fresh.texts["pid"] != pid and fresh.texts["naps"] == "0"
+    assert {Page(c, "/napper-http").texts["pid"] for _ in range(4)} == {fresh.texts["pid"]}
+    reply = fresh.post(fresh.call("nap"))
+    assert reply.status_code == 200 and texts_of(reply.json())["naps"] == "1"
+
+
 def test_interaction_timeout_kills_the_process(server, new_client):
     c = new_client()
     c.get("/set?v=still-here")

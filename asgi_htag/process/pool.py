@@ -50,9 +50,11 @@ class PoolConfig:
 
 
 class ChildConnection:
-    """One persistent connection to a per-session process."""
+    """One persistent connection to a per-session process. ``reused``: it came from the
+    idle pool, so it may lead to a process that has since died and been replaced (the
+    socket name is the same)."""
 
-    __slots__ = ("key", "_stream", "_buf", "_max", "broken")
+    __slots__ = ("key", "_stream", "_buf", "_max", "broken", "reused")
 
     def __init__(self, key: str, stream: SocketStream, max_frame_bytes: int) -> None:
         self.key = key
@@ -60,6 +62,7 @@ class ChildConnection:
         self._buf = bytearray()
         self._max = max_frame_bytes
         self.broken = False
+        self.reused = False
 
     async def send(self, obj: Dict[str, Any], raw: Optional[bytes] = None) -> None:
         """Send a frame (``raw``: bytes relayed untouched). Raises ProcessGone if the
@@ -280,6 +283,7 @@ class ProcessPool:
             if not idle:
                 del self._idle[key]
             if not conn.broken:
+                conn.reused = True
                 return conn
             await conn.aclose()
         return await self.connect(key)

@@ -72,6 +72,7 @@ PAGES = {
     "/stuck": page_of(apps.Stuck, timeout_interaction=1),
     "/crashy": page_of(apps.Crashy),
     "/quitter": page_of(apps.Quitter),
+    "/napper-http": page_of(apps.Napper, http_only=True),
     "/inactive": page_of(apps.Counter, timeout_inactivity=1),
     "/inactive-ticker": page_of(apps.Ticker, timeout_inactivity=1),
 }
