@@ -677,8 +677,9 @@ async def memory_asgi(server: Server, levels: Tuple[int, ...]) -> List[Dict[str,
                     pass
             worker = memory_of(server.pid)
             zygote = memory_of(st["pid"])
+            forker = memory_of(st["forker"]) if st.get("forker") else {"uss_mb": 0.0, "rss_mb": 0.0}
             ok, errors = await roll_call(live)
-            total = worker["uss_mb"] + zygote["uss_mb"] + sum(children)
+            total = worker["uss_mb"] + zygote["uss_mb"] + forker["uss_mb"] + sum(children)
             row = {
                 "sessions": level,
                 "live": len(live),
@@ -693,6 +694,7 @@ async def memory_asgi(server: Server, levels: Tuple[int, ...]) -> List[Dict[str,
                 "worker_rss_mb": worker["rss_mb"],
                 "zygote_uss_mb": zygote["uss_mb"],
                 "zygote_rss_mb": zygote["rss_mb"],
+                "forker_uss_mb": forker["uss_mb"],
                 "total_uss_mb": total,
                 "marginal_uss_mb_per_session": (total - base_total) / max(1, len(live)),
                 "failures": failures[:20],
@@ -815,7 +817,7 @@ def build_rows(res: Dict[str, Any]) -> Tuple[List[List[str]], List[Dict[str, Any
         row(f"USS per session process, {n} live (mean)", f"{per:.2f} MB",
             f"in-proc {i['uss_mb_per_session']:.3f} MB/session", fmt_x(per / i["uss_mb_per_session"]) if i["uss_mb_per_session"] > 0 else "-",
             f"<= {USS_TARGET_MB:g} MB", per <= USS_TARGET_MB)
-        row(f"  server total USS at {n} (worker {a['worker_uss_mb']:.0f} + zygote {a['zygote_uss_mb']:.0f} + children)",
+        row(f"  server total USS at {n} (worker {a['worker_uss_mb']:.0f} + zygote {a['zygote_uss_mb']:.0f} + forker {a.get('forker_uss_mb', 0):.0f} + children)",
             f"{a['total_uss_mb']:.0f} MB", f"in-proc {i['uss_mb']:.0f} MB", fmt_x(a["total_uss_mb"] / i["uss_mb"]),
             f"(worker RSS {a['worker_rss_mb']:.0f} MB)")
         row(f"  server USS added per session at {n}", f"{a['marginal_uss_mb_per_session']:.2f} MB",

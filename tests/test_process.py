@@ -214,3 +214,39 @@ def test_process_loop_setting_picks_the_event_loop_of_every_process(runtime, set
 
     loop_module = re.search(r'data-test="loop"[^>]*>([^<]*)<', reply["html"]).group(1)
     assert loop_module.startswith(expected), loop_module
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie waits for its new parent to reap it: it runs no more
+
+
+def test_a_killed_forker_is_replaced_and_takes_its_processes_with_it(runtime):
+    """The forker (which does the forks) is killed: its processes end with it (their parent
+    is gone), the fork server notices, and the next new session gets a new forker."""
+    import signal as sig
+
+    async def scenario(pool):
+        first = await pool.spawn("a" * 20, "tests.apps:Counter", [[], {}], {}, OPTS)
+        before = await pool.stats()
+        os.kill(before["forker"], sig.SIGKILL)
+        deadline = time.monotonic() + 20
+        while (await pool.stats())["count"] and time.monotonic() < deadline:
+            await anyio.sleep(0.05)
+        gone = await pool.stats()
+        second = await pool.spawn("b" * 20, "tests.apps:Counter", [[], {}], {}, OPTS)
+        conn = await pool.acquire("b" * 20)
+        try:
+            reply = await conn.request({"t": "render", "token": second["token"]})
+        finally:
+            await pool.release(conn)
+        return first, before, gone, second, reply, await pool.stats()
+
+    first, before, gone, second, reply, after = run(scenario, runtime)
+    assert before["forker"] > 0 and before["count"] == 1 and before["pids"] == [first["pid"]]
+    assert gone["count"] == 0 and not _alive(first["pid"])
+    assert reply["t"] == "html" and str(second["pid"]) in reply["html"]
+    assert after["forker"] not in (0, before["forker"]) and after["pids"] == [second["pid"]]

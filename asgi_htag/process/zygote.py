@@ -8,6 +8,12 @@ worker's event loop ever blocks on it.
 Single-threaded and synchronous on purpose (``selectors``): a fork from here is clean,
 and a child starts its own fresh asyncio loop.
 
+The forks themselves are done by a *forker*, a process forked once from the zygote when it
+is ready, which does nothing between forks but wait for the next request. Every page a
+parent writes after a fork stays, as the original, with the child that shares it: the
+zygote's bookkeeping (connections, children, timers) would be copied into every process
+this way, the forker's near-empty loop is not.
+
 Lifetime: it lives while at least one web worker holds a *presence* connection, and exits
 ``grace_seconds`` after the last one went away, terminating every child it started. It
 never touches a process it did not start. A second zygote started for the same runtime
@@ -29,12 +35,13 @@ import secrets
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 import traceback
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..exceptions import ProtocolError
+from ..exceptions import ProcessStartError, ProtocolError
 from . import wire
 
 logger = logging.getLogger("asgi_htag.process.zygote")
@@ -80,7 +87,7 @@ def load_app(ref: str, main_path: Optional[str]) -> type:
 
 
 class Child:
-    __slots__ = ("key", "pid", "pidfd", "token", "init", "ready", "ready_fd", "waiters", "deadline", "buf")
+    __slots__ = ("key", "pid", "pidfd", "token", "init", "ready", "ready_fd", "waiters", "deadline", "buf", "started", "timeout")
 
     def __init__(self, key: str, pid: int, pidfd: int, token: str, init: str, ready_fd: int, deadline: float) -> None:
         self.key = key
@@ -93,6 +100,8 @@ class Child:
         self.waiters: List[socket.socket] = []
         self.deadline = deadline
         self.buf = b""
+        self.started = time.monotonic()
+        self.timeout = 0.0  # its timeout_interaction (the kernel timer that ends a slow start)
 
 
 class Zygote:
@@ -122,6 +131,9 @@ class Zygote:
         self.sock_inode = -1
         self.lock_files: List[Any] = []
         self.wake_r, self.wake_w = os.pipe()
+        self.forker: Optional[socket.socket] = None
+        self.forker_pid = 0
+        self.forker_pidfd = -1
 
     # --- start-up ---------------------------------------------------------------------
     def acquire(self) -> bool:
@@ -191,6 +203,9 @@ class Zygote:
                     self._on_exit(key.fd)
                 elif tag == "ready":
                     self._on_ready(key.fd)
+                elif tag == "forker":
+                    logger.error("the forker (%s) stopped: a new one starts with the next process", self.forker_pid)
+                    self._drop_forker()
             now = time.monotonic()
             for child in list(self.children.values()):
                 if not child.ready and now >= child.deadline:
@@ -289,6 +304,7 @@ class Zygote:
                 {
                     "ok": True,
                     "pid": os.getpid(),
+                    "forker": self.forker_pid if self.forker is not None else 0,
                     "count": len(self.children),
                     "pids": sorted(c.pid for c in self.by_pidfd.values()),
                     "presence": len(self.presence),
@@ -365,29 +381,20 @@ class Zygote:
             "sock_path": socket_path(self.runtime_dir, key),
         }
         ready_r, ready_w = os.pipe()
-        # No collection here: freeing objects would leave holes in the parent's memory pools
-        # that children then fill (a copy-on-write per page); freezing keeps the children's
-        # GC from walking (and so copying) the parent's objects.
-        gc.freeze()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            code = 1
-            try:
-                os.close(ready_r)
-                self._forget_in_child()
-                _child_main(spec, cls, self.client_js, ready_w)
-                code = 0
-            except BaseException:
-                try:
-                    err = {"ok": False, "error": "crash", "message": traceback.format_exc(limit=20)}
-                    os.write(ready_w, (json.dumps(err) + "\n").encode())
-                except OSError:
-                    pass
-            finally:
-                os._exit(code)
-        os.close(ready_w)
-        pidfd = os.pidfd_open(pid)
+        try:
+            pid, pidfd = self._fork(spec, str(msg.get("app")), ready_w)
+        except (OSError, ValueError, socket.timeout, ProcessStartError) as exc:
+            os.close(ready_r)
+            logger.error("cannot fork a process for %s: %s", key[:8], exc)
+            if not isinstance(exc, ProcessStartError):
+                self._drop_forker()
+            for w in [conn] + waiters:
+                self._reply(w, {"ok": False, "error": "crash", "message": f"cannot start the app process: {exc}"})
+            return
+        finally:
+            os.close(ready_w)
         child = Child(key, pid, pidfd, token, init, ready_r, time.monotonic() + self.start_timeout)
+        child.timeout = float((spec["opts"] or {}).get("timeout_interaction") or 0)
         child.waiters = [conn] + waiters
         self.children[key] = child
         self.by_pidfd[pidfd] = child
@@ -395,6 +402,71 @@ class Zygote:
         self.sel.register(pidfd, selectors.EVENT_READ, "pidfd")
         self.sel.register(ready_r, selectors.EVENT_READ, "ready")
         logger.debug("forked process %s for %s", pid, key[:8])
+
+    # --- the forker -------------------------------------------------------------------
+    def _fork(self, spec: Dict[str, Any], ref: str, ready_w: int) -> Tuple[int, int]:
+        """Have the forker fork the process of ``spec``: ``(pid, pidfd)``. The start-up
+        report pipe (``ready_w``) travels with the request (SCM_RIGHTS); the pidfd comes back
+        the same way, opened by the forker before the child could be reaped."""
+        sock = self._ensure_forker()
+        payload = json.dumps({"spec": spec, "app": ref}).encode()
+        socket.send_fds(sock, [struct.pack(">I", len(payload))], [ready_w])
+        sock.sendall(payload)
+        data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 1)
+        if not data:
+            raise ConnectionError("the forker closed its connection")
+        reply = json.loads(data)
+        if not reply.get("ok") or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise ProcessStartError(str(reply.get("message") or "the forker did not fork"))
+        return int(reply["pid"]), fds[0]
+
+    def _ensure_forker(self) -> socket.socket:
+        if self.forker is not None:
+            return self.forker
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        gc.freeze()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the forker
+            code = 1
+            try:
+                ours.close()
+                self._forget_in_child()
+                _forker_main(theirs, self.client_js, dict(self.apps), self.main_path)
+                code = 0
+            except BaseException:
+                logger.exception("the forker failed")
+            finally:
+                os._exit(code)
+        theirs.close()
+        ours.settimeout(30.0)
+        self.forker, self.forker_pid = ours, pid
+        self.forker_pidfd = os.pidfd_open(pid)
+        self.sel.register(self.forker_pidfd, selectors.EVENT_READ, "forker")
+        logger.debug("forker %s started", pid)
+        return ours
+
+    def _drop_forker(self) -> None:
+        """Close our end (the forker exits on it), kill it and reap it."""
+        if self.forker is None:
+            return
+        self.forker.close()
+        self.forker = None
+        try:
+            self.sel.unregister(self.forker_pidfd)
+        except (KeyError, ValueError):
+            pass
+        try:
+            signal.pidfd_send_signal(self.forker_pidfd, signal.SIGKILL)
+        except OSError:
+            pass
+        os.close(self.forker_pidfd)
+        self.forker_pidfd = -1
+        try:
+            os.waitpid(self.forker_pid, 0)
+        except ChildProcessError:
+            pass
 
     def _forget_in_child(self) -> None:
         """In a fresh child: close (cleanly, through their Python objects) every descriptor
@@ -410,13 +482,15 @@ class Zygote:
             self.listener.close()
         for conn in list(self.sockets.values()):
             conn.close()
-        for fd in list(self.by_pidfd) + list(self.by_ready_fd) + [self.wake_r, self.wake_w]:
+        for fd in list(self.by_pidfd) + list(self.by_ready_fd) + [self.wake_r, self.wake_w, self.forker_pidfd]:
             try:
                 os.close(fd)
             except OSError:
                 pass
         for f in self.lock_files:
             f.close()
+        if self.forker is not None:
+            self.forker.close()
         # the zygote's objects stay frozen here: a full collection in the child would touch
         # (and so copy) every page they live on
 
@@ -470,14 +544,12 @@ class Zygote:
         os.close(pidfd)
         if child is None:
             return
-        try:
-            _, status = os.waitpid(child.pid, 0)
-        except ChildProcessError:
-            status = 0
         self._drop_ready_fd(child)
-        signaled = os.WIFSIGNALED(status)
-        sig = os.WTERMSIG(status) if signaled else 0
-        logger.info("process %s for %s ended (%s)", child.pid, child.key[:8], f"signal {sig}" if signaled else f"exit {os.WEXITSTATUS(status)}")
+        # The forker reaps its children (their exit status is its to see). A process that
+        # died while starting, past its timeout_interaction, was ended by its own timer.
+        lasted = time.monotonic() - child.started
+        timed_out = not child.ready and child.timeout > 0 and lasted >= child.timeout * 0.95
+        logger.info("process %s for %s ended after %.1fs%s", child.pid, child.key[:8], lasted, " (start timeout)" if timed_out else "")
         if self.children.get(child.key) is child:
             del self.children[child.key]
             try:
@@ -485,7 +557,7 @@ class Zygote:
             except FileNotFoundError:
                 pass
         if child.waiters:
-            if sig == signal.SIGALRM:
+            if timed_out:
                 reply = {"ok": False, "error": "timeout", "message": "the app took too long to start"}
             else:
                 reply = {"ok": False, "error": "crash", "message": "the app process died while starting"}
@@ -529,6 +601,7 @@ class Zygote:
             except (ProcessLookupError, OSError):
                 pass
             self._on_exit(child.pidfd)
+        self._drop_forker()
         path = os.path.join(self.runtime_dir, "zygote.s")
         try:
             if self.listener is not None and os.stat(path).st_ino == self.sock_inode:
@@ -635,6 +708,92 @@ def _run(coro: Any) -> None:
             asyncio.run(coro)
         finally:
             asyncio.set_event_loop_policy(None)
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return bytes(buf)
+
+
+def _reap(signum: int, frame: Any) -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _forker_main(sock: socket.socket, client_js: str, apps: Dict[str, type], main_path: Optional[str]) -> None:  # pragma: no cover
+    """Body of the forker: read a request, fork, send back the pid and a pidfd; nothing
+    else, so that it writes as few pages as possible between two forks."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the zygote's end is ours
+    if os.getppid() == 1:
+        return  # the zygote died before the line above
+    signal.signal(signal.SIGCHLD, _reap)
+    sock.settimeout(None)
+    chld = {signal.SIGCHLD}
+    while True:
+        try:
+            head, fds, _flags, _addr = socket.recv_fds(sock, 4, 1)
+            if not head:
+                return
+            head += _recv_exactly(sock, 4 - len(head)) if len(head) < 4 else b""
+            request = json.loads(_recv_exactly(sock, struct.unpack(">I", head)[0]))
+        except (EOFError, OSError, ValueError):
+            return
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            socket.send_fds(sock, [b'{"ok": false, "message": "no start-up pipe"}'], [])
+            continue
+        ready_w = fds[0]
+        ref = str(request.get("app"))
+        try:
+            cls = apps.get(ref) or load_app(ref, main_path)
+            apps[ref] = cls
+        except Exception as exc:
+            os.close(ready_w)
+            sock.sendall(json.dumps({"ok": False, "message": f"cannot load the app: {exc}"}).encode())
+            continue
+        # SIGCHLD waits until the pidfd is open: the child cannot be reaped before it is.
+        signal.pthread_sigmask(signal.SIG_BLOCK, chld)
+        gc.freeze()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                sock.close()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, chld)
+                _child_main(request["spec"], cls, client_js, ready_w)
+                code = 0
+            except BaseException:
+                try:
+                    err = {"ok": False, "error": "crash", "message": traceback.format_exc(limit=20)}
+                    os.write(ready_w, (json.dumps(err) + "\n").encode())
+                except OSError:
+                    pass
+            finally:
+                os._exit(code)
+        os.close(ready_w)
+        try:
+            pidfd = os.pidfd_open(pid)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, chld)
+        try:
+            socket.send_fds(sock, [json.dumps({"ok": True, "pid": pid}).encode()], [pidfd])
+        except OSError:
+            return
+        finally:
+            os.close(pidfd)
 
 
 def _child_main(spec: Dict[str, Any], cls: type, client_js: str, ready_fd: int) -> None:  # pragma: no cover
