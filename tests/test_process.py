@@ -250,3 +250,127 @@ def test_a_killed_forker_is_replaced_and_takes_its_processes_with_it(runtime):
     assert gone["count"] == 0 and not _alive(first["pid"])
     assert reply["t"] == "html" and str(second["pid"]) in reply["html"]
     assert after["forker"] not in (0, before["forker"]) and after["pids"] == [second["pid"]]
+
+
+def _serve_unix(path, handler):
+    """A plain asyncio Unix server standing in for a per-session process."""
+    import asyncio
+
+    return asyncio.start_unix_server(handler, path=path)
+
+
+def test_unix_stream_delivers_in_order_across_read_pauses_then_reports_the_end(runtime):
+    """A process that sends far more than the reader takes at once: reading pauses above the
+    limit and resumes as the reader catches up; nothing is lost or reordered; the end of the
+    stream shows after the last byte."""
+    from asgi_htag.process.pool import _ReadBuffer, _UnixStream
+
+    path = str(runtime / "big.s")
+    blob = bytes(range(256)) * (4 * 16384 + 7)  # ~16 MiB: several times the pause limit
+
+    async def main():
+        import asyncio
+
+        async def handler(reader, writer):
+            writer.write(blob)
+            await writer.drain()
+            writer.close()
+
+        server = await _serve_unix(path, handler)
+        try:
+            stream = await _UnixStream.connect(path)
+            got = bytearray()
+            for _ in range(1000):  # bounded: the sender runs ahead until reading pauses
+                if stream._proto.paused:
+                    break
+                await asyncio.sleep(0.01)
+            paused_seen = stream._proto.paused
+            buffered = len(stream._proto.buf)
+            while True:
+                try:
+                    got += await stream.receive()
+                except anyio.EndOfStream:
+                    break
+            await stream.aclose()
+            return bytes(got), paused_seen, buffered
+        finally:
+            server.close()
+
+    got, paused_seen, buffered = anyio.run(main)
+    assert got == blob
+    assert paused_seen and buffered < len(blob) and len(blob) > 3 * _ReadBuffer._PAUSE_ABOVE
+
+
+def test_child_connection_on_unix_stream_refuses_hostile_frames_and_notices_a_dead_peer(runtime):
+    from asgi_htag.exceptions import ProtocolError
+    from asgi_htag.process import wire
+    from asgi_htag.process.pool import ChildConnection, _UnixStream
+
+    path = str(runtime / "hostile.s")
+    replies = {
+        "oversized": struct.pack(">I", 2**31) + b"x" * 64,
+        "not json": struct.pack(">I", 5) + b"\xff\xfe{[(",
+        "truncated": struct.pack(">I", 100) + b'{"t": "ac',
+    }
+
+    async def main():
+        async def handler(reader, writer):
+            kind = (await reader.readline()).decode().strip()
+            if kind in replies:
+                writer.write(replies[kind])
+            elif kind == "good":
+                writer.write(wire.encode({"t": "pong"}, raw=b'{"x": 1}'))
+                await writer.drain()
+                await reader.read()  # then wait for the worker to hang up
+            writer.close()
+
+        server = await _serve_unix(path, handler)
+        out = {}
+        try:
+            for kind in list(replies) + ["good", "dead"]:
+                conn = ChildConnection("k", await _UnixStream.connect(path), wire.DEFAULT_MAX_FRAME_BYTES)
+                await conn._stream.send(kind.encode() + b"\n")
+                try:
+                    out[kind] = await conn.receive_frame()
+                except (ProtocolError, ProcessGone) as exc:
+                    out[kind] = type(exc).__name__
+                if kind == "dead":
+                    try:
+                        await conn.send({"t": "ping"})
+                        await conn.send({"t": "ping"})
+                        out["send after end"] = "sent"
+                    except ProcessGone:
+                        out["send after end"] = "ProcessGone"
+                out[kind + " broken"] = conn.broken
+                await conn.aclose()
+        finally:
+            server.close()
+        return out
+
+    out = anyio.run(main)
+    assert out["oversized"] == "FrameTooLarge" and out["oversized broken"]  # a ProtocolError
+    assert out["not json"] == "ProtocolError" and out["not json broken"]
+    assert out["truncated"] == "ProcessGone" and out["truncated broken"]
+    assert out["good"] == ({"t": "pong"}, b'{"x": 1}') and not out["good broken"]
+    assert out["dead"] == "ProcessGone" and out["send after end"] == "ProcessGone"
+
+
+def test_off_asyncio_the_pool_talks_to_processes_through_anyio_streams(runtime, monkeypatch):
+    """Under another anyio backend the pool uses anyio's socket stream (the asyncio fast
+    path is not taken): the same process answers the same way."""
+    from asgi_htag.process import pool as pool_module
+
+    monkeypatch.setattr(pool_module, "_on_asyncio", lambda: False)
+
+    async def scenario(pool):
+        info = await pool.spawn(KEY, "tests.apps:Counter", [[], {}], {}, OPTS)
+        conn = await pool.connect(KEY)
+        try:
+            kind = type(conn._stream).__name__
+            reply = await conn.request({"t": "render", "token": info["token"]})
+        finally:
+            await conn.aclose()
+        return kind, reply, info
+
+    kind, reply, info = run(scenario, runtime)
+    assert kind != "_UnixStream" and reply["t"] == "html" and str(info["pid"]) in reply["html"]

@@ -5,6 +5,7 @@ Nothing here forks: processes are forked by the zygote, which this module starts
 zygote answers for the runtime directory. Waits are bounded (``anyio.fail_after``) and a
 connection that breaks the protocol is closed and dropped.
 """
+import asyncio
 import json
 import logging
 import os
@@ -49,6 +50,112 @@ class PoolConfig:
     process_loop: str = "auto"  # event loop of the per-session processes: auto, uvloop, asyncio
 
 
+class _ReadBuffer(asyncio.Protocol):
+    """Protocol of :class:`_UnixStream`: keeps what arrives, wakes the one reader."""
+
+    _PAUSE_ABOVE = 4 * 1024 * 1024  # stop reading from a process that outpaces its reader
+
+    def __init__(self) -> None:
+        self.transport: Optional[asyncio.Transport] = None
+        self.buf = bytearray()
+        self.lost = False
+        self.paused = False
+        self.waiter: Optional["asyncio.Future[None]"] = None
+        self.write_paused = False
+        self.drain_waiter: Optional["asyncio.Future[None]"] = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) > self._PAUSE_ABOVE and not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+            self.paused = True
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.lost = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.lost = True
+        self.write_paused = False
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake()
+
+    def _wake(self) -> None:
+        for w in (self.waiter, self.drain_waiter):
+            if w is not None and not w.done():
+                w.set_result(None)
+
+
+class _UnixStream:
+    """The three stream operations :class:`ChildConnection` needs, directly on an asyncio
+    transport: reading stays on between receives and a call that can complete at once does
+    not take an extra turn of the loop (anyio's stream pauses and resumes reading around
+    every receive). Used when the server runs on asyncio, as under uvicorn; anyio's stream
+    otherwise. Raises what anyio's stream raises."""
+
+    __slots__ = ("_transport", "_proto")
+
+    def __init__(self, transport: asyncio.Transport, proto: _ReadBuffer) -> None:
+        self._transport = transport
+        self._proto = proto
+
+    @classmethod
+    async def connect(cls, path: str) -> "_UnixStream":
+        transport, proto = await asyncio.get_running_loop().create_unix_connection(_ReadBuffer, path)
+        return cls(transport, proto)  # type: ignore[arg-type]
+
+    async def send(self, data: bytes) -> None:
+        proto = self._proto
+        if proto.lost or self._transport.is_closing():
+            raise anyio.BrokenResourceError
+        self._transport.write(data)
+        while proto.write_paused and not proto.lost:
+            proto.drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await proto.drain_waiter
+            finally:
+                proto.drain_waiter = None
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        proto = self._proto
+        while not proto.buf:
+            if proto.lost:
+                raise anyio.EndOfStream
+            proto.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await proto.waiter
+            finally:
+                proto.waiter = None
+        data = bytes(proto.buf)
+        proto.buf.clear()
+        if proto.paused and not proto.lost:
+            proto.paused = False
+            self._transport.resume_reading()
+        return data
+
+    async def aclose(self) -> None:
+        self._transport.close()
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # another anyio backend (trio)
+        return False
+    return True
+
+
 class ChildConnection:
     """One persistent connection to a per-session process. ``reused``: it came from the
     idle pool, so it may lead to a process that has since died and been replaced (the
@@ -56,7 +163,7 @@ class ChildConnection:
 
     __slots__ = ("key", "_stream", "_buf", "_max", "broken", "reused")
 
-    def __init__(self, key: str, stream: SocketStream, max_frame_bytes: int) -> None:
+    def __init__(self, key: str, stream: "SocketStream | _UnixStream", max_frame_bytes: int) -> None:
         self.key = key
         self._stream = stream
         self._buf = bytearray()
@@ -269,7 +376,11 @@ class ProcessPool:
         """A new dedicated connection (for a websocket). Raises ProcessGone."""
         try:
             with anyio.fail_after(10):
-                stream = await anyio.connect_unix(self.socket_path(key))
+                path = self.socket_path(key)
+                if _on_asyncio():
+                    stream: "SocketStream | _UnixStream" = await _UnixStream.connect(path)
+                else:
+                    stream = await anyio.connect_unix(path)
         except (OSError, TimeoutError) as exc:
             raise ProcessGone(f"no process for {key[:8]}") from exc
         return ChildConnection(key, stream, self.config.max_frame_bytes)
