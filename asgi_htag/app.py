@@ -14,7 +14,6 @@ import hashlib
 import html
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -386,7 +385,7 @@ class Engine:
             await send({"type": "websocket.close", "code": 1008})
             return
         await send({"type": "websocket.accept"})
-        send_lock = anyio.Lock()
+        send_lock = anyio.Lock(fast_acquire=True)  # no extra loop turn when uncontended (the usual case)
         closed = False
 
         async def ws_send_text(text: str) -> None:
@@ -431,7 +430,7 @@ class Engine:
             return
         pending = 0
         pending_since = 0.0
-        waiting: List[Optional[anyio.CancelScope]] = [None]  # from_process's current wait
+        clicked = [anyio.Event()]  # set when a click becomes pending (wakes the watchdog)
         try:
             sent_version = store.version()
             await session.reload()
@@ -453,25 +452,30 @@ class Engine:
 
             async with anyio.create_task_group() as tg:
 
+                async def watchdog() -> None:
+                    # The process kills itself (SIGALRM) past timeout_interaction; if it is
+                    # stuck beyond that too (signals blocked...), the fork server kills it:
+                    # no click waits unbounded. from_process then sees the connection end.
+                    while True:
+                        await clicked[0].wait()
+                        clicked[0] = anyio.Event()
+                        while pending:
+                            deadline = pending_since + timeout_interaction + _BACKSTOP_SECONDS
+                            if anyio.current_time() < deadline:
+                                await anyio.sleep_until(deadline)
+                                continue
+                            logger.error("process of session %s is stuck past its timeout: killing it", short_sid)
+                            try:
+                                await self.pool.kill(key)
+                            except Exception:
+                                logger.exception("could not have the stuck process of session %s killed", short_sid)
+                            return
+
                 async def from_process() -> None:
                     nonlocal pending, pending_since
                     try:
                         while True:
-                            # The process kills itself (SIGALRM) past timeout_interaction; if
-                            # it is stuck beyond that too (signals blocked...), the fork server
-                            # kills it: no wait here is unbounded while a click is pending.
-                            deadline = math.inf
-                            if pending and timeout_interaction:
-                                deadline = pending_since + timeout_interaction + _BACKSTOP_SECONDS
-                            frame: Optional[Dict[str, Any]] = None
-                            with anyio.CancelScope(deadline=deadline) as scope:
-                                waiting[0] = scope
-                                frame, out = await conn.receive_frame()
-                            waiting[0] = None
-                            if frame is None:
-                                logger.error("process of session %s is stuck past its timeout: killing it", short_sid)
-                                await self.pool.kill(key)
-                                raise ProcessGone("stuck past timeout_interaction")
+                            frame, out = await conn.receive_frame()
                             diff = frame.get("diff")
                             if diff:
                                 await session.apply_changes(diff.get("set") or {}, diff.get("del") or [])
@@ -497,6 +501,8 @@ class Engine:
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(from_process)
+                if timeout_interaction:
+                    tg.start_soon(watchdog)
                 while True:
                     message = await receive()
                     if message["type"] == "websocket.disconnect":
@@ -518,8 +524,7 @@ class Engine:
                         sent_version = version
                     if not pending:
                         pending_since = anyio.current_time()
-                        if timeout_interaction and waiting[0] is not None:
-                            waiting[0].deadline = pending_since + timeout_interaction + _BACKSTOP_SECONDS
+                        clicked[0].set()
                     pending += 1
                     try:
                         await conn.send(meta, raw)

@@ -3,7 +3,6 @@ HTTP and websocket clients, one OS process per session."""
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest

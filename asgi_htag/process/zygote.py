@@ -365,7 +365,7 @@ class Zygote:
                 self._reply(w, {"ok": False, "error": "full", "message": f"{self.max_processes} processes already run"})
             return
         try:
-            cls = self._app(str(msg.get("app")))
+            self._app(str(msg.get("app")))  # loads here first: import errors and code stamps
         except Exception as exc:
             logger.error("cannot load app %r: %s", msg.get("app"), exc)
             for w in [conn] + waiters:
