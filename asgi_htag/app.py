@@ -245,25 +245,10 @@ class Engine:
                     )
                 detail = str(exc) if opts.debug else "The application could not start."
                 return 500, _error_page("Application error", detail, pre=opts.debug)
-            conn = None
             try:
-                request = {"t": "render", "token": info["token"], "session": dict(session)}
                 conn = await pool.acquire(key)
-                try:
-                    reply = await conn.request(request)
-                except ProcessGone:
-                    if not conn.reused:
-                        raise
-                    # an idle connection to a process that has died since (maybe replaced
-                    # under the same socket name): drop them all, ask once more afresh
-                    await conn.aclose()
-                    await pool.drop_idle(key)
-                    conn = await pool.connect(key)
-                    reply = await conn.request(request)
+                reply, _ = await pool.exchange(conn, {"t": "render", "token": info["token"], "session": dict(session)})
             except ProcessGone:
-                if conn is not None:
-                    await conn.aclose()
-                    conn = None
                 if attempt == 2:
                     return 500, _error_page("Application error", "The application process stopped while rendering.")
                 # A fresh connection failed: the process is exiting (inactivity, exit(), a
@@ -272,9 +257,6 @@ class Engine:
                 # have made) so that the retry gets a new one.
                 await pool.kill(key, info.get("pid"))
                 continue
-            finally:
-                if conn is not None:
-                    await pool.release(conn)
             if reply.get("t") != "html":
                 if attempt == 2:
                     return 500, _error_page("Application error", "The application process did not render the page.")
@@ -345,29 +327,15 @@ class Engine:
             return
         meta = {"t": "interact", "token": token, "session": dict(session)}
         try:
-            # the body goes to the process untouched: it parses and checks it
-            try:
-                await conn.send(meta, bytes(body))
-                reply, out = await conn.receive_frame()
-            except ProcessGone:
-                if not conn.reused:
-                    raise
-                # an idle connection to a process that died since: nothing ran there; ask
-                # the session's process of now (a replacement answers "gone" to the token)
-                await conn.aclose()
-                await pool.drop_idle(key)
-                conn = await pool.connect(key)
-                await conn.send(meta, bytes(body))
-                reply, out = await conn.receive_frame()
+            # the body goes to the process untouched: it parses and checks it (a process
+            # that replaced a dead one answers "gone" to the old page's token)
+            reply, out = await pool.exchange(conn, meta, bytes(body))
         except ProcessGone:
-            await conn.aclose()
             await _send_json(send, 200, _dead_message(True))
             return
         except ProtocolError:
-            await conn.aclose()
             await _send_json(send, 502, {"asgi_htag": "error", "message": "the app process broke the protocol"})
             return
-        await pool.release(conn)
         if reply.get("t") == "gone" or out is None:
             await _send_json(send, 200, _GONE)
             return

@@ -399,6 +399,36 @@ class ProcessPool:
             await conn.aclose()
         return await self.connect(key)
 
+    async def exchange(
+        self, conn: ChildConnection, obj: Dict[str, Any], raw: Optional[bytes] = None
+    ) -> Tuple[Dict[str, Any], Optional[bytes]]:
+        """One request/reply on a connection from :meth:`acquire`, which it gives back to the
+        pool afterwards (or closes, if the exchange did not complete). An idle connection
+        may lead to a process that has died since (maybe replaced under the same socket
+        name): nothing ran there, so the key's idle connections are dropped and the request
+        goes once more on a fresh connection. Raises ProcessGone (no process answered on a
+        fresh connection) or ProtocolError."""
+        done = False
+        try:
+            try:
+                await conn.send(obj, raw)
+                reply = await conn.receive_frame()
+            except ProcessGone:
+                if not conn.reused:
+                    raise
+                await conn.aclose()
+                await self.drop_idle(conn.key)
+                conn = await self.connect(conn.key)
+                await conn.send(obj, raw)
+                reply = await conn.receive_frame()
+            done = True
+            return reply
+        finally:
+            if done:
+                await self.release(conn)
+            else:
+                await conn.aclose()  # a reply may still be on its way: never reuse it
+
     async def release(self, conn: ChildConnection) -> None:
         if conn.broken or self._idle_count >= self.max_idle_total or len(self._idle.get(conn.key, ())) >= 4:
             await conn.aclose()
