@@ -35,13 +35,12 @@ import secrets
 import selectors
 import signal
 import socket
-import struct
 import sys
 import time
 import traceback
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..exceptions import ProcessStartError, ProtocolError
+from ..exceptions import FrameTooLarge, ProcessStartError, ProtocolError
 from . import wire
 
 logger = logging.getLogger("asgi_htag.process.zygote")
@@ -383,11 +382,11 @@ class Zygote:
         ready_r, ready_w = os.pipe()
         try:
             pid, pidfd = self._fork(spec, str(msg.get("app")), ready_w)
-        except (OSError, ValueError, socket.timeout, ProcessStartError) as exc:
+        except (OSError, ValueError, socket.timeout, ProcessStartError, FrameTooLarge) as exc:
             os.close(ready_r)
             logger.error("cannot fork a process for %s: %s", key[:8], exc)
-            if not isinstance(exc, ProcessStartError):
-                self._drop_forker()
+            if not isinstance(exc, (ProcessStartError, FrameTooLarge)):
+                self._drop_forker()  # the exchange with it broke off: start afresh
             for w in [conn] + waiters:
                 self._reply(w, {"ok": False, "error": "crash", "message": f"cannot start the app process: {exc}"})
             return
@@ -409,9 +408,9 @@ class Zygote:
         report pipe (``ready_w``) travels with the request (SCM_RIGHTS); the pidfd comes back
         the same way, opened by the forker before the child could be reaped."""
         sock = self._ensure_forker()
-        payload = json.dumps({"spec": spec, "app": ref}).encode()
-        socket.send_fds(sock, [struct.pack(">I", len(payload))], [ready_w])
-        sock.sendall(payload)
+        frame = wire.encode({"spec": spec, "app": ref}, CONTROL_MAX_FRAME_BYTES)
+        socket.send_fds(sock, [frame[: wire.HEADER_SIZE]], [ready_w])
+        sock.sendall(frame[wire.HEADER_SIZE :])
         data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 1)
         if not data:
             raise ConnectionError("the forker closed its connection")
@@ -745,9 +744,10 @@ def _forker_main(sock: socket.socket, client_js: str, apps: Dict[str, type], mai
             head, fds, _flags, _addr = socket.recv_fds(sock, 4, 1)
             if not head:
                 return
-            head += _recv_exactly(sock, 4 - len(head)) if len(head) < 4 else b""
-            request = json.loads(_recv_exactly(sock, struct.unpack(">I", head)[0]))
-        except (EOFError, OSError, ValueError):
+            head += _recv_exactly(sock, wire.HEADER_SIZE - len(head))
+            length = wire.decode_length(head, CONTROL_MAX_FRAME_BYTES)
+            request = wire.decode_payload(_recv_exactly(sock, length))
+        except (EOFError, OSError, ProtocolError):
             return
         if len(fds) != 1:
             for fd in fds:
