@@ -406,3 +406,14 @@ def test_a_process_stuck_past_its_timeout_is_killed_by_the_worker(server, new_cl
         msg = recv_json(ws, timeout=30)
     assert msg["asgi_htag"] == "dead" and "too long" in msg["message"]
     assert Page(c, "/stuck").status == 200, "a reload gives a fresh instance"
+
+
+@pytest.mark.parametrize("setting, expected", [("asyncio", "asyncio."), (None, "uvloop")])
+def test_runner_process_loop_setting_reaches_the_processes(make_server, setting, expected):
+    """Runner(..., process_loop=...) on a real server: the app's process runs on that loop
+    (uvloop by default, since the test extras install it)."""
+    import httpx
+
+    srv = make_server(env={"TEST_PROCESS_LOOP": setting} if setting else {})
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert Page(c, "/loop").texts["loop"].startswith(expected)

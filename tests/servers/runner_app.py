@@ -45,6 +45,7 @@ app = Runner(
     max_processes=int(os.environ.get("TEST_MAX_PROCESSES", "1000")),
     zygote_grace_seconds=float(os.environ.get("TEST_ZYGOTE_GRACE", "1")),
     debug=os.environ.get("TEST_DEBUG") == "1",
+    process_loop=os.environ.get("TEST_PROCESS_LOOP", "auto"),
     middleware=[Middleware(WorkerPid)],
 )
 
@@ -72,6 +73,7 @@ PAGES = {
     "/stuck": page_of(apps.Stuck, timeout_interaction=1),
     "/crashy": page_of(apps.Crashy),
     "/quitter": page_of(apps.Quitter),
+    "/loop": page_of(apps.LoopName),
     "/napper-http": page_of(apps.Napper, http_only=True),
     "/inactive": page_of(apps.Counter, timeout_inactivity=1),
     "/inactive-ticker": page_of(apps.Ticker, timeout_inactivity=1),
