@@ -245,6 +245,23 @@ def test_inactivity_timeout_ends_the_process(server, new_client):
     assert Page(c, "/inactive").texts["pid"] != page.texts["pid"], "a reload builds a new instance"
 
 
+def test_interactions_push_the_inactivity_deadline_back(server, new_client):
+    """timeout_inactivity=1: clicks every 0.25 s keep the process for three times that
+    long (same process, the count goes on); once the clicks stop, it says bye."""
+    import time
+
+    c = new_client()
+    page = Page(c, "/inactive")
+    with page.ws() as ws:
+        values = []
+        for _ in range(12):
+            values.append(texts_of(click(ws, page, "inc"))["value"])
+            time.sleep(0.25)
+        assert values == [str(i) for i in range(1, 13)]
+        msg = recv_json(ws, timeout=30)
+    assert msg["asgi_htag"] == "gone"
+
+
 def test_a_render_while_the_process_is_leaving_gets_a_fresh_process(server, new_client):
     """The app called exit(): its process has said bye and closed its socket, but it is
     still alive a moment (the fork server still counts it). A reload in that moment gets a

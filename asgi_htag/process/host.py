@@ -166,6 +166,7 @@ class AppHost:
         self.lock = asyncio.Lock()
         self.stopping = asyncio.Event()
         self._inactivity_handle: Optional[asyncio.TimerHandle] = None
+        self._last_touch = 0.0
         self._bye_reason = "exit"
 
         args, kargs = spec["init"]
@@ -195,13 +196,23 @@ class AppHost:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
     def touch(self) -> None:
-        """An interaction happened: push the inactivity deadline back."""
+        """An interaction happened: push the inactivity deadline back. Only a timestamp per
+        interaction; the one timer re-arms itself when it finds the deadline moved."""
         if self.timeout_inactivity <= 0:
             return
-        if self._inactivity_handle is not None:
-            self._inactivity_handle.cancel()
         loop = asyncio.get_running_loop()
-        self._inactivity_handle = loop.call_later(self.timeout_inactivity, self._inactive)
+        self._last_touch = loop.time()
+        if self._inactivity_handle is None:
+            self._inactivity_handle = loop.call_at(self._last_touch + self.timeout_inactivity, self._check_inactive)
+
+    def _check_inactive(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = self._last_touch + self.timeout_inactivity
+        if deadline - loop.time() > 0.001:  # moved since armed (a timer may fire a tick early)
+            self._inactivity_handle = loop.call_at(deadline, self._check_inactive)
+            return
+        self._inactivity_handle = None
+        self._inactive()
 
     def _inactive(self) -> None:
         logger.info("process %s for %s exits after %ss without interaction", os.getpid(), self.key[:8], self.timeout_inactivity)
