@@ -44,12 +44,12 @@ log = logging.getLogger("bench")
 FULL = dict(
     cold=50, warmup_renders=5, ws_warmup=300, ws_clicks=2000, http_warmup=200, posts=1000,
     hol_rounds=3, hol_burst=50, hol_baseline=300, tp_levels=(1, 10, 50), tp_seconds=5.0, tp_warmup=1.0,
-    mem_levels=(10, 100, 1000), floor_a=3000, floor_b=5000,
+    mem_levels=(10, 100, 1000), floor_a=3000, floor_b=5000, floor_d_seconds=2.0,
 )
 QUICK = dict(
     cold=10, warmup_renders=2, ws_warmup=50, ws_clicks=300, http_warmup=30, posts=200,
     hol_rounds=1, hol_burst=20, hol_baseline=100, tp_levels=(1, 10, 50), tp_seconds=1.5, tp_warmup=0.3,
-    mem_levels=(10, 100), floor_a=500, floor_b=1000,
+    mem_levels=(10, 100), floor_a=500, floor_b=1000, floor_d_seconds=0.5,
 )
 
 # targets (issue #4)
@@ -320,6 +320,16 @@ async def floor_interact(n: int) -> Dict[str, Any]:
     return summary(lat)
 
 
+def floor_processes(levels: Tuple[int, ...], seconds: float) -> Dict[str, Any]:
+    """(d) The Counter clicked in N forked processes vs N renderers in one process, no web
+    stack (bench/procfloor.py, in its own interpreter)."""
+    out = subprocess.run([sys.executable, str(BENCH / "procfloor.py"), str(seconds), *map(str, levels)],
+                         capture_output=True, text=True, timeout=120 + 10 * seconds * len(levels))
+    if out.returncode != 0:
+        raise RuntimeError(f"bench/procfloor.py failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
 def _unix_round(n: int, tmp: Path, pin: Optional[Tuple[int, int]] = None) -> Tuple[List[float], int]:
     """One echo server subprocess, one connection, ``n`` measured round trips (after 300
     unmeasured). ``pin`` = (client CPU, server CPU), or None to let the scheduler place them."""
@@ -475,10 +485,10 @@ async def http_round_trip(server: Server, warmup: int, n: int) -> Dict[str, Any]
     return out
 
 
-async def head_of_line(server: Server, rounds: int, burst: int, baseline: int) -> Dict[str, Any]:
+async def head_of_line(server: Server, rounds: int, burst: int, baseline: int, path: str = "/") -> Dict[str, Any]:
     """One user clicks over ws in a closed loop; meanwhile another process fires ``burst``
-    cold GETs (new sessions) at once. Worst click in the burst window vs the same user's
-    median click just before it."""
+    GETs of ``path`` from as many new clients at once (``/``: new sessions starting). Worst
+    click in the burst window vs the same user's median click just before it."""
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
         sess = await new_session(c, "/")
     await sess.open_ws(server)
@@ -495,7 +505,7 @@ async def head_of_line(server: Server, rounds: int, burst: int, baseline: int) -
             bad += not answered(await sess.click())
         for _ in range(rounds):
             helper = await asyncio.create_subprocess_exec(
-                sys.executable, str(BENCH / "burst.py"), server.url, "/", str(burst),
+                sys.executable, str(BENCH / "burst.py"), server.url, path, str(burst),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
             assert helper.stdout is not None and helper.stdin is not None
             line = await helper.stdout.readline()
@@ -774,6 +784,11 @@ def build_rows(res: Dict[str, Any]) -> Tuple[List[List[str]], List[Dict[str, Any
     pinned = ", ".join(f"{label} {fmt_ms(fb[k]['median_ms'])}" for k, label in (("same_cpu", "1 CPU"), ("two_cpus", "2 CPUs")) if k in fb)
     row(f"floor (b) raw Unix RT ({fb['frame_bytes']} B), median / p99", f"{fmt_ms(fb['median_ms'])} / {fmt_ms(fb['p99_ms'])}",
         f"pinned: {pinned}" if pinned else "", "")
+    for n, d in F.get("processes", {}).items():
+        one, many = d["inprocess"], d["processes"]
+        row(f"floor (d) CPU per click, {n} session(s) in {n} process(es)", f"{many['cpu_us_per_interaction']:.0f} us",
+            f"{n} in one process {one['cpu_us_per_interaction']:.0f} us",
+            fmt_x(many["cpu_us_per_interaction"] / one["cpu_us_per_interaction"]), "(info)")
     rows.append(None)  # type: ignore[arg-type]
 
     cold, warm = A["renders"]["cold"], A["renders"]["warm"]
@@ -801,6 +816,10 @@ def build_rows(res: Dict[str, Any]) -> Tuple[List[List[str]], List[Dict[str, Any
     row(f"head-of-line: worst click, {res['params']['hol_burst']} new sessions starting", fmt_ms(h["worst_click_ms"]),
         f"in-proc {fmt_ms(ih['worst_click_ms'])}", fmt_x(h["worst_click_ms"] / ih["worst_click_ms"]),
         f"worst/median {h['ratio']:.1f}x <= {HOL_TARGET:g}x", h["ratio"] <= HOL_TARGET)
+    hp = A.get("hol_ping")
+    if hp:
+        row(f"  same burst of {res['params']['hol_burst']} new clients at a do-nothing route", fmt_ms(hp["worst_click_ms"]),
+            f"its median {fmt_ms(hp['median_click_ms'])}", fmt_x(hp["ratio"]), "(info: worst/median)")
 
     for a, i in zip(A["throughput"], I["throughput"]):
         n = a["sessions"]
@@ -922,6 +941,9 @@ async def run(args: argparse.Namespace, P: Dict[str, Any]) -> Dict[str, Any]:
         res["floors"]["interact"] = await floor_interact(P["floor_a"])
         log.info("floor (b): raw Unix-socket round trip")
         res["floors"]["unix"] = await asyncio.get_running_loop().run_in_executor(None, floor_unix, P["floor_b"], scratch)
+        log.info("floor (d): one process per session, no web stack")
+        res["floors"]["processes"] = await asyncio.get_running_loop().run_in_executor(
+            None, floor_processes, P["tp_levels"], P["floor_d_seconds"])
 
         inproc = Server("inprocess", "bench.inprocess_runner:app", args.loop, args.http)
         servers.append(inproc)
@@ -948,6 +970,9 @@ async def run(args: argparse.Namespace, P: Dict[str, Any]) -> Dict[str, Any]:
             R["http"] = await http_round_trip(server, P["http_warmup"], P["posts"])
             log.info("%s: head-of-line blocking", name)
             R["hol"] = await head_of_line(server, P["hol_rounds"], P["hol_burst"], P["hol_baseline"])
+            if server is asgi:
+                log.info("%s: head-of-line blocking, the same burst at a do-nothing route", name)
+                R["hol_ping"] = await head_of_line(server, P["hol_rounds"], P["hol_burst"], P["hol_baseline"], "/_ping")
             R["throughput"] = []
 
         for n in P["tp_levels"]:

@@ -4,12 +4,13 @@ Run with the repository root on PYTHONPATH:
     uvicorn bench.server:app --loop uvloop
 
 Routes: ``/`` the Counter over a websocket, ``/http`` the same Counter in http_only mode,
-``/_stats`` the fork server's view (its pid and its children's pids).
+``/_stats`` the fork server's view (its pid and its children's pids), ``/_ping`` a route that
+does nothing (the head-of-line measurement's reference burst).
 """
 import os
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from asgi_htag import Runner
 from tests.apps import Counter
@@ -29,5 +30,10 @@ async def stats(request: Request) -> Response:
     return JSONResponse(await request.app.engine.pool.stats())
 
 
+async def ping(request: Request) -> Response:
+    return PlainTextResponse("pong")
+
+
 app.add_route("/http", http_counter)
 app.add_route("/_stats", stats)
+app.add_route("/_ping", ping)
