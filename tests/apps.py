@@ -189,6 +189,24 @@ class Quitter(Tag.body):
         self.exit()
 
 
+class Lingerer(Tag.body):
+    """Whatever ends its process (SIGTERM included), the end lingers 1.5 s: a task started
+    at creation is slow to cancel."""
+
+    def init(self):
+        import asyncio
+
+        async def linger():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                await asyncio.sleep(1.5)
+                raise
+
+        self._linger = asyncio.ensure_future(linger())
+        self <= Tag.span(str(os.getpid()), _data_test="pid")
+
+
 class Napper(Tag.body):
     """An interaction that takes a moment (well under any timeout): concurrent clicks
     keep several connections to the process busy at once."""

@@ -252,6 +252,36 @@ def test_a_killed_forker_is_replaced_and_takes_its_processes_with_it(runtime):
     assert after["forker"] not in (0, before["forker"]) and after["pids"] == [second["pid"]]
 
 
+def test_processes_orphaned_by_a_dead_forker_come_to_the_fork_server_and_are_reaped(runtime):
+    """The fork server is the subreaper of its forker's processes: when the forker dies,
+    they end (parent-death signal) as children of the fork server, which reaps them,
+    instead of going to an init that may never reap them (a container's PID 1 often
+    does not). The app's shutdown lingers, so its new parent can be read meanwhile."""
+    import signal as sig
+
+    def ppid(pid):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("PPid:"):
+                return int(line.split()[1])
+
+    async def scenario(pool):
+        info = await pool.spawn(KEY, "tests.apps:Lingerer", [[], {}], {}, OPTS)
+        before = await pool.stats()
+        assert ppid(info["pid"]) == before["forker"]
+        os.kill(before["forker"], sig.SIGKILL)
+        deadline = time.monotonic() + 20
+        while ppid(info["pid"]) == before["forker"] and time.monotonic() < deadline:
+            await anyio.sleep(0.01)
+        adopted_by = ppid(info["pid"])  # still lingering: its shutdown takes 1.5 s
+        while Path(f"/proc/{info['pid']}").exists() and time.monotonic() < deadline:
+            await anyio.sleep(0.05)
+        return before, adopted_by, Path(f"/proc/{info['pid']}").exists()
+
+    before, adopted_by, still_there = run(scenario, runtime)
+    assert adopted_by == before["pid"], "the fork server adopts the orphan"
+    assert not still_there, "and reaps it: no zombie is left"
+
+
 def _serve_unix(path, handler):
     """A plain asyncio Unix server standing in for a per-session process."""
     import asyncio

@@ -49,6 +49,7 @@ KEY_RE = re.compile(r"^[0-9a-f]{20}$")
 CONTROL_MAX_FRAME_BYTES = 4 * 1024 * 1024
 MAIN_MODULE = "__asgi_htag_main__"
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 def socket_path(runtime_dir: str, key: str) -> str:
@@ -205,6 +206,7 @@ class Zygote:
                 elif tag == "forker":
                     logger.error("the forker (%s) stopped: a new one starts with the next process", self.forker_pid)
                     self._drop_forker()
+                    self._reap_orphans()  # its processes that had already ended are ours now
             now = time.monotonic()
             for child in list(self.children.values()):
                 if not child.ready and now >= child.deadline:
@@ -537,10 +539,25 @@ class Zygote:
             if conn.fileno() >= 0:  # the worker may have given up meanwhile
                 self._spawn(conn, msg)
 
+    @staticmethod
+    def _reap_orphans() -> None:
+        """Reap whatever ended among our children: processes whose forker died before it
+        could reap them come to us (we are their subreaper), not to an init that may never
+        reap them (a container's PID 1 often does not)."""
+        while True:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            logger.debug("reaped process %s", pid)
+
     def _on_exit(self, pidfd: int) -> None:
         child = self.by_pidfd.pop(pidfd, None)
         self.sel.unregister(pidfd)
         os.close(pidfd)
+        self._reap_orphans()
         if child is None:
             return
         self._drop_ready_fd(child)
@@ -824,6 +841,9 @@ def main(argv: List[str]) -> int:
     if os.fork() > 0:
         os._exit(0)
     os.setsid()
+    if _prctl is not None:
+        # the forker's processes come to us, to be reaped, if the forker dies before them
+        _prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     gc.disable()  # see Zygote._spawn: the zygote's heap stays dense and shared
     _configure_logging(cfg.get("log_level", "WARNING"))
     global _PROCESS_LOOP
