@@ -544,14 +544,7 @@ class Zygote:
         """Reap whatever ended among our children: processes whose forker died before it
         could reap them come to us (we are their subreaper), not to an init that may never
         reap them (a container's PID 1 often does not)."""
-        while True:
-            try:
-                pid, _status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            logger.debug("reaped process %s", pid)
+        _reap(signal.SIGCHLD, None)
 
     def _on_exit(self, pidfd: int) -> None:
         child = self.by_pidfd.pop(pidfd, None)
@@ -737,6 +730,8 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
 
 
 def _reap(signum: int, frame: Any) -> None:
+    """Reap every child that has ended (the forker's SIGCHLD handler, and the fork server's
+    sweep for orphans)."""
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
