@@ -216,6 +216,56 @@ def test_process_loop_setting_picks_the_event_loop_of_every_process(runtime, set
     assert loop_module.startswith(expected), loop_module
 
 
+def _present(address: int) -> bool:
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(address // 4096 * 8)
+        return bool(struct.unpack("<Q", f.read(8))[0] >> 63)
+
+
+def test_release_zero_pages_releases_the_longest_zero_run_and_keeps_every_byte():
+    import ctypes
+
+    from asgi_htag.process.zygote import _PAGE, release_zero_pages
+
+    size = 64 * _PAGE
+    buf = ctypes.create_string_buffer(size)
+    ctypes.memset(buf, 0, size)  # every page resident
+    base = ctypes.addressof(buf)
+    first = (base + _PAGE - 1) // _PAGE * _PAGE  # first whole page inside the buffer
+    # data in whole page 3 and whole page 40: zero runs of 3, 36 and the tail in between
+    marks = {first - base + 3 * _PAGE + 17: 1, first - base + 40 * _PAGE: 2, size - 1: 3}
+    for offset, value in marks.items():
+        buf[offset] = value
+    expected = bytearray(size)
+    for offset, value in marks.items():
+        expected[offset] = value
+
+    released = release_zero_pages(base, size, min_pages=4)
+
+    assert released == 36 * _PAGE  # pages 4..39, the longest run
+    assert not any(_present(first + i * _PAGE) for i in range(4, 40))
+    assert _present(first + 3 * _PAGE) and _present(first + 40 * _PAGE)
+    assert buf.raw == bytes(expected), "released pages read as zeros, data pages are untouched"
+    buf[first - base + 10 * _PAGE] = 9  # a released page can be written again
+    assert buf[first - base + 10 * _PAGE] == b"\x09"
+
+
+def test_release_zero_pages_leaves_short_runs_and_empty_ranges_alone():
+    import ctypes
+
+    from asgi_htag.process.zygote import _PAGE, release_zero_pages
+
+    size = 8 * _PAGE
+    buf = ctypes.create_string_buffer(size)
+    ctypes.memset(buf, 0, size)
+    assert release_zero_pages(ctypes.addressof(buf), size, min_pages=16) == 0
+    assert release_zero_pages(ctypes.addressof(buf), 0) == 0
+    assert release_zero_pages(ctypes.addressof(buf), _PAGE - 1, min_pages=1) == 0  # no whole page
+    ctypes.memset(buf, 7, size)
+    assert release_zero_pages(ctypes.addressof(buf), size, min_pages=1) == 0
+    assert buf.raw == b"\x07" * size
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0]
