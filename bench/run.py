@@ -42,13 +42,13 @@ if str(ROOT) not in sys.path:
 log = logging.getLogger("bench")
 
 FULL = dict(
-    cold=50, warmup_renders=5, ws_warmup=300, ws_clicks=2000, http_warmup=200, posts=1000,
-    hol_rounds=3, hol_burst=50, hol_baseline=300, tp_levels=(1, 10, 50), tp_seconds=5.0, tp_warmup=1.0,
+    cold=50, warmup_renders=5, ws_warmup=300, ws_clicks=2000, http_warmup=200, posts=1000, rt_rounds=10,
+    hol_rounds=3, hol_burst=50, hol_baseline=300, tp_levels=(1, 10, 50), tp_seconds=6.0, tp_warmup=1.0, tp_rounds=6,
     mem_levels=(10, 100, 1000), floor_a=3000, floor_b=5000, floor_d_seconds=2.0,
 )
 QUICK = dict(
-    cold=10, warmup_renders=2, ws_warmup=50, ws_clicks=300, http_warmup=30, posts=200,
-    hol_rounds=1, hol_burst=20, hol_baseline=100, tp_levels=(1, 10, 50), tp_seconds=1.5, tp_warmup=0.3,
+    cold=10, warmup_renders=2, ws_warmup=50, ws_clicks=300, http_warmup=30, posts=200, rt_rounds=4,
+    hol_rounds=1, hol_burst=20, hol_baseline=100, tp_levels=(1, 10, 50), tp_seconds=1.5, tp_warmup=0.3, tp_rounds=2,
     mem_levels=(10, 100), floor_a=500, floor_b=1000, floor_d_seconds=0.5,
 )
 
@@ -437,52 +437,83 @@ async def renders(server: Server, n: int, warmup: int) -> Dict[str, Any]:
     return {"cold": summary(cold), "warm": summary(warm)}
 
 
-async def ws_round_trip(server: Server, warmup: int, n: int) -> Dict[str, Any]:
-    async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
-        sess = await new_session(c, "/")
-    ws = await sess.open_ws(server)
-    bad = 0
-    try:
-        for _ in range(warmup):
-            bad += not answered(await sess.click())
-        lat = []
+class _Prober:
+    """One session of one server, ready to time one round trip at a time (ws click or
+    http_only POST)."""
+
+    def __init__(self, server: Server, kind: str) -> None:
+        self.server = server
+        self.kind = kind
+        self.lat: List[float] = []
+        self.round_medians: List[float] = []
+        self.bad = 0
+        self.done = 0
+        self.last = ""
+        self.client = httpx.AsyncClient(base_url=server.url, timeout=60)
+        self.sess: Optional[Session] = None
+
+    async def open(self) -> None:
+        self.sess = await new_session(self.client, "/" if self.kind == "ws" else "/http")
+        if self.kind == "ws":
+            await self.sess.open_ws(self.server)
+        elif self.sess.cfg.get("mode") != "http":
+            raise RuntimeError(f"{self.server.name}: /http is not an http_only page")
+
+    async def one(self) -> float:
+        assert self.sess is not None
         pc = time.perf_counter
-        for _ in range(n):
+        if self.kind == "ws":
             t0 = pc()
-            msg = await sess.click()
-            lat.append(pc() - t0)
-            bad += not answered(msg)
-        last = json.loads(msg)
-        value = next(iter(last["update"].values()))
-        ok_count = f">{warmup + n}<" in value
-    finally:
-        await ws.close()
-    out = summary(lat)
-    out.update(bad_answers=bad, final_count_ok=ok_count)
-    return out
-
-
-async def http_round_trip(server: Server, warmup: int, n: int) -> Dict[str, Any]:
-    bad = 0
-    lat = []
-    pc = time.perf_counter
-    headers = {"content-type": "application/json"}
-    async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
-        sess = await new_session(c, "/http")
-        if sess.cfg.get("mode") != "http":
-            raise RuntimeError(f"{server.name}: /http is not an http_only page")
-        url = sess.post_url()
-        body = sess.frame.encode()
-        for i in range(warmup + n):
-            t0 = pc()
-            r = await c.post(url, content=body, headers=headers)
+            msg = await self.sess.click()
             t1 = pc()
-            bad += r.status_code != 200 or not answered(r.text)
-            if i >= warmup:
-                lat.append(t1 - t0)
-    out = summary(lat)
-    out["bad_answers"] = bad
-    return out
+            self.bad += not answered(msg)
+        else:
+            t0 = pc()
+            r = await self.client.post(self.sess.post_url(), content=self.sess.frame.encode(),
+                                       headers={"content-type": "application/json"})
+            t1 = pc()
+            msg = r.text
+            self.bad += r.status_code != 200 or not answered(msg)
+        self.done += 1
+        self.last = msg
+        return t1 - t0
+
+    async def close(self) -> None:
+        if self.sess is not None and self.sess.ws is not None:
+            await self.sess.ws.close()
+        await self.client.aclose()
+
+    def result(self) -> Dict[str, Any]:
+        out = summary(self.lat)
+        out.update(bad_answers=self.bad, round_medians_ms=[m * 1e3 for m in self.round_medians])
+        if self.kind == "ws":  # the count shown is every click this session made: none lost
+            value = next(iter(json.loads(self.last)["update"].values()))
+            out["final_count_ok"] = f">{self.done}<" in value
+        return out
+
+
+async def round_trips(servers: List[Server], kind: str, warmup: int, n: int, rounds: int) -> Dict[str, Dict[str, Any]]:
+    """ws (``kind="ws"``: one session, one websocket, clicks) or http_only (``"http"``: one
+    session, one keep-alive client, POSTs) round trips of every server, measured in
+    ``rounds`` blocks that alternate between the servers (the first server of a block
+    alternates too), so that a change in the machine's background load falls on all of
+    them alike. ``n`` measured round trips per server after ``warmup``."""
+    probers = [_Prober(s, kind) for s in servers]
+    try:
+        for p in probers:
+            await p.open()
+            for _ in range(warmup):
+                await p.one()
+        per = max(1, n // rounds)
+        for r in range(rounds):
+            for p in (probers if r % 2 == 0 else probers[::-1]):
+                block = [await p.one() for _ in range(per)]
+                p.lat.extend(block)
+                p.round_medians.append(statistics.median(block))
+        return {p.server.name: p.result() for p in probers}
+    finally:
+        for p in probers:
+            await p.close()
 
 
 async def head_of_line(server: Server, rounds: int, burst: int, baseline: int, path: str = "/") -> Dict[str, Any]:
@@ -552,57 +583,93 @@ async def head_of_line(server: Server, rounds: int, burst: int, baseline: int, p
     }
 
 
-async def throughput(server: Server, n_sessions: int, seconds: float, warmup: float,
-                     server_pids: Callable[[], Awaitable[List[int]]]) -> Dict[str, Any]:
-    """``n_sessions`` sessions, each clicking over its own ws in a closed loop."""
-    sessions: List[Session] = []
-    async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
-        for _ in range(n_sessions):
-            sessions.append(await new_session(c, "/"))
-    await asyncio.gather(*(s.open_ws(server) for s in sessions))
-    for s in sessions:
-        await s.click()
-    pids = await server_pids()  # after the sessions exist: their processes are included
-    lats: List[float] = []
-    bad = [0]
-    pc = time.perf_counter
-    start = pc()
-    measure_from = start + warmup
-    stop_at = measure_from + seconds
+class _Clickers:
+    """``n`` sessions of one server, each with its own ws, clicking in a closed loop during
+    the windows :meth:`window` is asked for."""
 
-    async def clicker(s: Session) -> None:
-        while True:
-            t0 = pc()
-            if t0 >= stop_at:
-                return
-            msg = await s.click()
-            t1 = pc()
-            if t0 >= measure_from:
-                lats.append(t1 - t0)
-            bad[0] += not answered(msg)
+    def __init__(self, server: Server, n: int, server_pids: Callable[[], Awaitable[List[int]]]) -> None:
+        self.server = server
+        self.n = n
+        self.server_pids = server_pids
+        self.sessions: List[Session] = []
+        self.pids: List[int] = []
+        self.lats: List[float] = []
+        self.count = 0
+        self.elapsed = 0.0
+        self.bad = 0
+        self.client_cpu = 0.0
+        self.cpu: Dict[int, float] = {}
 
-    async def sampler() -> Tuple[float, Dict[int, float]]:
-        await asyncio.sleep(max(0.0, measure_from - pc()))
-        return time.process_time(), {p: cpu_seconds(p) for p in pids}
+    async def open(self) -> None:
+        async with httpx.AsyncClient(base_url=self.server.url, timeout=120) as c:
+            for _ in range(self.n):
+                self.sessions.append(await new_session(c, "/"))
+        await asyncio.gather(*(s.open_ws(self.server) for s in self.sessions))
+        for s in self.sessions:
+            await s.click()
+        self.pids = await self.server_pids()  # after the sessions exist: their processes are included
 
-    samp = asyncio.ensure_future(sampler())
-    await asyncio.gather(*(clicker(s) for s in sessions))
-    cpu_client0, cpu0 = await samp
-    elapsed = pc() - measure_from
-    cpu_client = (time.process_time() - cpu_client0) / elapsed
-    cpu_server = {p: (cpu_seconds(p) - c0) / elapsed for p, c0 in cpu0.items()}
-    await asyncio.gather(*(s.ws.close() for s in sessions if s.ws is not None))
-    out = summary(lats)
-    out.update(
-        sessions=n_sessions,
-        interactions_per_s=len(lats) / elapsed,
-        seconds=elapsed,
-        bad_answers=bad[0],
-        client_cpu=cpu_client,
-        server_cpu=sum(cpu_server.values()),
-        cpu_by_pid={str(p): v for p, v in cpu_server.items()},
-    )
-    return out
+    async def window(self, seconds: float, measured: bool = True) -> None:
+        pc = time.perf_counter
+        stop_at = pc() + seconds
+        lats: List[float] = []
+
+        async def clicker(s: Session) -> None:
+            while True:
+                t0 = pc()
+                if t0 >= stop_at:
+                    return
+                msg = await s.click()
+                lats.append(pc() - t0)
+                self.bad += not answered(msg)
+
+        c0, cpu0, t0 = time.process_time(), {p: cpu_seconds(p) for p in self.pids}, pc()
+        await asyncio.gather(*(clicker(s) for s in self.sessions))
+        elapsed = pc() - t0
+        if not measured:
+            return
+        self.client_cpu += time.process_time() - c0
+        for p, v in cpu0.items():
+            self.cpu[p] = self.cpu.get(p, 0.0) + cpu_seconds(p) - v
+        self.lats.extend(lats)
+        self.count += len(lats)
+        self.elapsed += elapsed
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.ws.close() for s in self.sessions if s.ws is not None))
+
+    def result(self) -> Dict[str, Any]:
+        out = summary(self.lats)
+        out.update(
+            sessions=self.n,
+            interactions_per_s=self.count / self.elapsed,
+            seconds=self.elapsed,
+            bad_answers=self.bad,
+            client_cpu=self.client_cpu / self.elapsed,
+            server_cpu=sum(self.cpu.values()) / self.elapsed,
+            cpu_by_pid={str(p): v / self.elapsed for p, v in self.cpu.items()},
+        )
+        return out
+
+
+async def throughput(servers: List[Server], n_sessions: int, seconds: float, warmup: float, rounds: int,
+                     server_pids: Dict[str, Callable[[], Awaitable[List[int]]]]) -> Dict[str, Dict[str, Any]]:
+    """``n_sessions`` sessions per server, each clicking over its own ws in a closed loop:
+    after ``warmup`` s each, ``seconds`` s per server measured in ``rounds`` windows that
+    alternate between the servers (the other server's sessions wait meanwhile), so that a
+    change in the machine's background load falls on all of them alike."""
+    groups = [_Clickers(s, n_sessions, server_pids[s.name]) for s in servers]
+    try:
+        for g in groups:
+            await g.open()
+            await g.window(warmup, measured=False)
+        for r in range(rounds):
+            for g in (groups if r % 2 == 0 else groups[::-1]):
+                await g.window(seconds / rounds)
+        return {g.server.name: g.result() for g in groups}
+    finally:
+        for g in groups:
+            await g.close()
 
 
 async def hold_sessions(server: Server, live: List[Session], target: int, failures: List[str],
@@ -961,13 +1028,17 @@ async def run(args: argparse.Namespace, P: Dict[str, Any]) -> Dict[str, Any]:
             return [asgi.pid] + list(st["pids"])
 
         for name, server in (("inprocess", inproc), ("asgi_htag", asgi)):
-            R = res[name]
             log.info("%s: cold and warm renders", name)
-            R["renders"] = await renders(server, P["cold"], P["warmup_renders"])
-            log.info("%s: ws round trip", name)
-            R["ws"] = await ws_round_trip(server, P["ws_warmup"], P["ws_clicks"])
-            log.info("%s: http_only round trip", name)
-            R["http"] = await http_round_trip(server, P["http_warmup"], P["posts"])
+            res[name]["renders"] = await renders(server, P["cold"], P["warmup_renders"])
+
+        for kind, warmup, n in (("ws", P["ws_warmup"], P["ws_clicks"]), ("http", P["http_warmup"], P["posts"])):
+            log.info("%s round trips, both servers in %d alternating blocks", kind, P["rt_rounds"])
+            got = await round_trips([inproc, asgi], kind, warmup, n, P["rt_rounds"])
+            for name in ("inprocess", "asgi_htag"):
+                res[name][kind] = got[name]
+
+        for name, server in (("inprocess", inproc), ("asgi_htag", asgi)):
+            R = res[name]
             log.info("%s: head-of-line blocking", name)
             R["hol"] = await head_of_line(server, P["hol_rounds"], P["hol_burst"], P["hol_baseline"])
             if server is asgi:
@@ -976,10 +1047,11 @@ async def run(args: argparse.Namespace, P: Dict[str, Any]) -> Dict[str, Any]:
             R["throughput"] = []
 
         for n in P["tp_levels"]:
-            for name, server in (("inprocess", inproc), ("asgi_htag", asgi)):
-                log.info("%s: throughput with %d sessions", name, n)
-                res[name]["throughput"].append(await throughput(
-                    server, n, P["tp_seconds"], P["tp_warmup"], inproc_pids if server is inproc else asgi_pids))
+            log.info("throughput with %d sessions, both servers in %d alternating windows", n, P["tp_rounds"])
+            got = await throughput([inproc, asgi], n, P["tp_seconds"], P["tp_warmup"], P["tp_rounds"],
+                                   {"inprocess": inproc_pids, "asgi_htag": asgi_pids})
+            for name in ("inprocess", "asgi_htag"):
+                res[name]["throughput"].append(got[name])
 
         async with httpx.AsyncClient(base_url=asgi.url, timeout=30) as c:
             res["asgi_htag"]["processes_after_phases"] = (await c.get("/_stats")).json()["count"]
