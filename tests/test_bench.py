@@ -1,0 +1,49 @@
+"""The benchmark's smoke run (``python bench/run.py --quick``) still runs end to end, and
+what it checks besides speed holds: every interaction answered, none lost, every burst
+GET served, every live session answering, servers stopped with nothing left behind and
+nothing logged at warning level. No duration is asserted: speed is judged by the
+benchmark's printed ratios, not here."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.server
+
+
+def test_quick_benchmark_runs_and_loses_nothing(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "targets:" in proc.stdout
+    res = json.loads(out.read_text())
+
+    assert {"interact", "unix", "processes"} <= set(res["floors"])
+    assert set(res["floors"]["processes"]) == {"1", "10", "50"}
+    assert len(res["targets"]) >= 8 and all(isinstance(t["pass"], bool) for t in res["targets"])
+
+    for name in ("asgi_htag", "inprocess"):
+        r = res[name]
+        for kind in ("ws", "http"):
+            assert r[kind]["n"] > 0 and r[kind]["bad_answers"] == 0, (name, kind)
+        assert r["ws"]["final_count_ok"], f"{name}: a click was lost"
+        assert r["hol"]["bad_answers"] == 0
+        assert set(r["hol"]["burst_statuses"]) == {"200"}, r["hol"]["burst_statuses"]
+        assert [t["sessions"] for t in r["throughput"]] == [1, 10, 50]
+        assert all(t["bad_answers"] == 0 and t["interactions_per_s"] > 0 for t in r["throughput"])
+        for m in r["memory"]:
+            assert m["answered"] == m["sessions"], (name, m["sessions"], m.get("failures"))
+    assert res["asgi_htag"]["hol_ping"]["bad_answers"] == 0
+    assert all(m["child_uss_mb_mean"] > 0 for m in res["asgi_htag"]["memory"])
+
+    assert set(res["servers"]) == {"inprocess", "asgi_htag", "asgi_htag-memory"}
+    for name, info in res["servers"].items():
+        assert info["stop"]["left"] == [], f"{name} left processes behind: {info['stop']}"
+        assert info["log_issue_count"] == 0, f"{name}: {info['log_issues']}"
