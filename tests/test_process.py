@@ -121,6 +121,85 @@ def test_unknown_app_and_slow_creation_are_clear_errors(runtime):
     assert stats["count"] == 0 and not os.path.exists(runtime / f"{KEY}.s")
 
 
+_LATE_APP = """
+import os
+from htag import Tag
+
+with open({log!r}, "a") as f:  # an import-time side effect the test counts
+    f.write(str(os.getpid()) + "\\n")
+
+VERSION = {version!r}
+
+
+class Late(Tag.body):
+    def init(self):
+        self <= Tag.span(VERSION, _data_test="version")
+"""
+
+
+def _late_module(tmp_path, monkeypatch, version="v1"):
+    """A module, importable by the fork server, that logs every import of itself."""
+    mod_dir = tmp_path / "mods"
+    mod_dir.mkdir(exist_ok=True)
+    name = f"late_{os.getpid()}_{time.monotonic_ns()}"
+    log = tmp_path / "imports.log"
+    (mod_dir / f"{name}.py").write_text(_LATE_APP.format(log=str(log), version=version))
+    monkeypatch.syspath_prepend(str(mod_dir))
+    return name, mod_dir / f"{name}.py", log
+
+
+def test_an_app_first_asked_for_once_the_forker_runs_is_imported_once(runtime, tmp_path, monkeypatch):
+    """Module-level code of an app runs once per fork server: an app first used after the
+    forker started is imported by the forker only (not by the zygote and again by the
+    forker). A missing app asked for then is still an "import" error."""
+    name, _path, log = _late_module(tmp_path, monkeypatch)
+
+    async def scenario(pool):
+        await pool.spawn("a" * 20, "tests.apps:Counter", [[], {}], {}, OPTS)  # the forker runs now
+        late = await pool.spawn("b" * 20, f"{name}:Late", [[], {}], {}, OPTS)
+        again = await pool.spawn("c" * 20, f"{name}:Late", [[], {}], {}, OPTS)
+        with pytest.raises(ProcessStartError) as missing:
+            await pool.spawn("d" * 20, f"{name}:Nope", [[], {}], {}, OPTS)
+        conn = await pool.acquire("b" * 20)
+        try:
+            reply = await conn.request({"t": "render", "token": late["token"]})
+        finally:
+            await pool.release(conn)
+        return late, again, missing.value, reply, await pool.stats()
+
+    late, again, missing, reply, stats = run(scenario, runtime)
+    assert log.read_text().split() == [str(stats["forker"])]
+    assert late["pid"] != again["pid"] and 'data-test="version"' in reply["html"] and ">v1<" in reply["html"]
+    assert getattr(missing, "kind") == "import" and "Nope" in str(missing)
+
+
+def test_a_late_app_whose_file_changes_gets_a_fresh_fork_server(runtime, tmp_path, monkeypatch):
+    """The forker reports the file of an app it imported, so an edit to it is seen like an
+    edit to an app the zygote imported: the next new process runs the new code."""
+    name, path, _log = _late_module(tmp_path, monkeypatch)
+
+    async def render(pool, key):
+        info = await pool.spawn(key, f"{name}:Late", [[], {}], {}, OPTS)
+        conn = await pool.acquire(key)
+        try:
+            return (await conn.request({"t": "render", "token": info["token"]}))["html"]
+        finally:
+            await pool.release(conn)
+
+    async def scenario(pool):
+        await pool.spawn("a" * 20, "tests.apps:Counter", [[], {}], {}, OPTS)  # the forker runs now
+        before = await render(pool, "b" * 20)
+        old = (await pool.stats())["pid"]
+        # a longer file: a new stamp even where mtimes are coarse
+        path.write_text(path.read_text().replace("VERSION = 'v1'", "VERSION = 'v2-edited'"))
+        after = await render(pool, "c" * 20)
+        return before, after, old, (await pool.stats())["pid"]
+
+    before, after, old_zygote, new_zygote = run(scenario, runtime)
+    assert ">v1<" in before and ">v2-edited<" in after
+    assert new_zygote != old_zygote
+
+
 def test_pool_limit(runtime):
     from asgi_htag.exceptions import PoolFull
 

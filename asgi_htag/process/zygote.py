@@ -365,13 +365,18 @@ class Zygote:
             for w in [conn] + waiters:
                 self._reply(w, {"ok": False, "error": "full", "message": f"{self.max_processes} processes already run"})
             return
-        try:
-            self._app(str(msg.get("app")))  # loads here first: import errors and code stamps
-        except Exception as exc:
-            logger.error("cannot load app %r: %s", msg.get("app"), exc)
-            for w in [conn] + waiters:
-                self._reply(w, {"ok": False, "error": "import", "message": f"cannot load the app: {exc}"})
-            return
+        ref = str(msg.get("app"))
+        if self.forker is None or ref in self.apps:
+            # Loaded here first, so that the forker (forked from us) has it: import errors
+            # and code stamps. An app first asked for once the forker runs is imported by
+            # the forker alone: its module-level code runs once, not once here and again there.
+            try:
+                self._app(ref)
+            except Exception as exc:
+                logger.error("cannot load app %r: %s", ref, exc)
+                for w in [conn] + waiters:
+                    self._reply(w, {"ok": False, "error": "import", "message": f"cannot load the app: {exc}"})
+                return
         token = secrets.token_urlsafe(18)
         spec = {
             "key": key,
@@ -383,17 +388,23 @@ class Zygote:
         }
         ready_r, ready_w = os.pipe()
         try:
-            pid, pidfd = self._fork(spec, str(msg.get("app")), ready_w)
+            pid, pidfd, loaded_from = self._fork(spec, ref, ready_w)
         except (OSError, ValueError, socket.timeout, ProcessStartError, FrameTooLarge) as exc:
             os.close(ready_r)
             logger.error("cannot fork a process for %s: %s", key[:8], exc)
             if not isinstance(exc, (ProcessStartError, FrameTooLarge)):
                 self._drop_forker()  # the exchange with it broke off: start afresh
+            if getattr(exc, "kind", None) == "import":
+                reply = {"ok": False, "error": "import", "message": str(exc)}
+            else:
+                reply = {"ok": False, "error": "crash", "message": f"cannot start the app process: {exc}"}
             for w in [conn] + waiters:
-                self._reply(w, {"ok": False, "error": "crash", "message": f"cannot start the app process: {exc}"})
+                self._reply(w, reply)
             return
         finally:
             os.close(ready_w)
+        if loaded_from and loaded_from not in self.stamps:
+            self.stamps[loaded_from] = _stamp(loaded_from)  # the forker imported it: watch it too
         child = Child(key, pid, pidfd, token, init, ready_r, time.monotonic() + self.start_timeout)
         child.timeout = float((spec["opts"] or {}).get("timeout_interaction") or 0)
         child.waiters = [conn] + waiters
@@ -405,10 +416,12 @@ class Zygote:
         logger.debug("forked process %s for %s", pid, key[:8])
 
     # --- the forker -------------------------------------------------------------------
-    def _fork(self, spec: Dict[str, Any], ref: str, ready_w: int) -> Tuple[int, int]:
-        """Have the forker fork the process of ``spec``: ``(pid, pidfd)``. The start-up
-        report pipe (``ready_w``) travels with the request (SCM_RIGHTS); the pidfd comes back
-        the same way, opened by the forker before the child could be reaped."""
+    def _fork(self, spec: Dict[str, Any], ref: str, ready_w: int) -> Tuple[int, int, Optional[str]]:
+        """Have the forker fork the process of ``spec``: ``(pid, pidfd, file)``, ``file``
+        the app's source when the forker had to import it first. The start-up report pipe
+        (``ready_w``) travels with the request (SCM_RIGHTS); the pidfd comes back the same
+        way, opened by the forker before the child could be reaped. Raises
+        ProcessStartError (``kind`` "import" if the forker could not import the app)."""
         sock = self._ensure_forker()
         frame = wire.encode({"spec": spec, "app": ref}, CONTROL_MAX_FRAME_BYTES)
         socket.send_fds(sock, [frame[: wire.HEADER_SIZE]], [ready_w])
@@ -420,8 +433,11 @@ class Zygote:
         if not reply.get("ok") or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
-            raise ProcessStartError(str(reply.get("message") or "the forker did not fork"))
-        return int(reply["pid"]), fds[0]
+            err = ProcessStartError(str(reply.get("message") or "the forker did not fork"))
+            err.kind = "import" if reply.get("error") == "import" else "crash"  # type: ignore[attr-defined]
+            raise err
+        loaded_from = reply.get("file")
+        return int(reply["pid"]), fds[0], loaded_from if isinstance(loaded_from, str) else None
 
     def _ensure_forker(self) -> socket.socket:
         if self.forker is not None:
@@ -818,12 +834,15 @@ def _forker_main(sock: socket.socket, client_js: str, apps: Dict[str, type], mai
             continue
         ready_w = fds[0]
         ref = str(request.get("app"))
+        loaded_from: Optional[str] = None
         try:
-            cls = apps.get(ref) or load_app(ref, main_path)
-            apps[ref] = cls
+            cls = apps.get(ref)
+            if cls is None:
+                cls = apps[ref] = load_app(ref, main_path)
+                loaded_from = getattr(sys.modules.get(cls.__module__), "__file__", None)
         except Exception as exc:
             os.close(ready_w)
-            sock.sendall(json.dumps({"ok": False, "message": f"cannot load the app: {exc}"}).encode())
+            sock.sendall(json.dumps({"ok": False, "error": "import", "message": f"cannot load the app: {exc}"}).encode())
             continue
         # SIGCHLD waits until the pidfd is open: the child cannot be reaped before it is.
         signal.pthread_sigmask(signal.SIG_BLOCK, chld)
@@ -851,7 +870,7 @@ def _forker_main(sock: socket.socket, client_js: str, apps: Dict[str, type], mai
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, chld)
         try:
-            socket.send_fds(sock, [json.dumps({"ok": True, "pid": pid}).encode()], [pidfd])
+            socket.send_fds(sock, [json.dumps({"ok": True, "pid": pid, "file": loaded_from}).encode()], [pidfd])
         except OSError:
             return
         finally:
