@@ -206,7 +206,7 @@ class Zygote:
                 elif tag == "forker":
                     logger.error("the forker (%s) stopped: a new one starts with the next process", self.forker_pid)
                     self._drop_forker()
-                    self._reap_orphans()  # its processes that had already ended are ours now
+                    _reap_children()  # its processes that had already ended are ours now
             now = time.monotonic()
             for child in list(self.children.values()):
                 if not child.ready and now >= child.deadline:
@@ -555,18 +555,11 @@ class Zygote:
             if conn.fileno() >= 0:  # the worker may have given up meanwhile
                 self._spawn(conn, msg)
 
-    @staticmethod
-    def _reap_orphans() -> None:
-        """Reap whatever ended among our children: processes whose forker died before it
-        could reap them come to us (we are their subreaper), not to an init that may never
-        reap them (a container's PID 1 often does not)."""
-        _reap(signal.SIGCHLD, None)
-
     def _on_exit(self, pidfd: int) -> None:
         child = self.by_pidfd.pop(pidfd, None)
         self.sel.unregister(pidfd)
         os.close(pidfd)
-        self._reap_orphans()
+        _reap_children()  # a dead forker's processes come to us (we are their subreaper)
         if child is None:
             return
         self._drop_ready_fd(child)
@@ -795,9 +788,10 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _reap(signum: int, frame: Any) -> None:
-    """Reap every child that has ended (the forker's SIGCHLD handler, and the fork server's
-    sweep for orphans)."""
+def _reap_children() -> None:
+    """Reap every child that has ended: the forker's, on SIGCHLD; the fork server's, the
+    processes whose forker died before it could reap them (we are their subreaper, so they
+    do not go to an init that may never reap them: a container's PID 1 often does not)."""
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -814,7 +808,7 @@ def _forker_main(sock: socket.socket, client_js: str, apps: Dict[str, type], mai
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the zygote's end is ours
     if os.getppid() == 1:
         return  # the zygote died before the line above
-    signal.signal(signal.SIGCHLD, _reap)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: _reap_children())
     sock.settimeout(None)
     chld = {signal.SIGCHLD}
     while True:
