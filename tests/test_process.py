@@ -345,6 +345,39 @@ def test_release_zero_pages_leaves_short_runs_and_empty_ranges_alone():
     assert buf.raw == b"\x07" * size
 
 
+def test_a_session_process_loop_leaves_its_receive_buffer_unresident_and_still_reads():
+    """What every uvloop session process gets (``_new_uvloop``): the loop object's zeroed
+    receive buffer is handed back (so a uvloop that changes its layout shows up here),
+    and reads through that buffer still carry every byte."""
+    import asyncio
+
+    pytest.importorskip("uvloop")
+    from asgi_htag.process.zygote import _PAGE, _new_uvloop
+
+    loop = _new_uvloop()
+    try:
+        start, size = id(loop), type(loop).__basicsize__
+        pages = range((start + _PAGE - 1) // _PAGE * _PAGE, start + size - _PAGE, _PAGE)
+        resident = sum(_present(a) for a in pages)
+        assert len(pages) >= 60 and resident <= 4, (len(pages), resident)
+
+        async def echo() -> bytes:
+            a, b = socket.socketpair()
+            reader, writer = await asyncio.open_connection(sock=a)
+            data = os.urandom(300_000)  # more than the buffer: it fills and is reused
+            b.setblocking(False)
+            await loop.sock_sendall(b, data)
+            got = await reader.readexactly(len(data))
+            writer.close()
+            b.close()
+            assert got == data
+            return got
+
+        assert len(loop.run_until_complete(echo())) == 300_000
+    finally:
+        loop.close()
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0]
