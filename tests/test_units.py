@@ -139,3 +139,32 @@ def test_synced_session_diffs():
     s["bad"] = object()  # not JSON: logged and never sent
     assert s.take_diff() is None
     assert json.dumps(dict((k, v) for k, v in s.items() if k != "bad"))
+
+
+def test_synced_session_compares_scalars_by_type_and_value():
+    s = SyncedSession({"n": 1, "f": 1.5, "b": False, "s": "x", "z": None, "nan": float("nan"), "d": {"k": [1]}})
+    assert s.take_diff() is None  # NaN included: it is the same value
+    s["n"] = True  # equal to 1 in Python, not in JSON
+    s["f"] = 1  # 1.5 -> 1: a different type and value
+    s["b"] = 0
+    assert s.take_diff() == {"set": {"n": True, "f": 1, "b": 0}, "del": []}
+    s["d"]["k"].append(2)  # a nested edit in place
+    s["s"] = {"now": "a dict"}
+    diff = s.take_diff()
+    assert diff == {"set": {"d": {"k": [1, 2]}, "s": {"now": "a dict"}}, "del": []}
+    s["d"]["k"].append(3)  # the diff held a copy, not the live list
+    assert diff["set"]["d"] == {"k": [1, 2]}
+    assert s.take_diff() == {"set": {"d": {"k": [1, 2, 3]}}, "del": []}
+
+
+def test_synced_session_dumps_no_scalar_to_diff_it(monkeypatch):
+    s = SyncedSession({"user": "ann", "count": 3, "prefs": {"dark": True}})
+    dumped = []
+    real = SyncedSession._dump
+    monkeypatch.setattr(SyncedSession, "_dump", staticmethod(lambda k, v: dumped.append(k) or real(k, v)))
+    for _ in range(5):
+        assert s.take_diff() is None
+    assert dumped == ["prefs"] * 5  # only the container is re-serialized to be compared
+    s.sync({"user": "bob", "count": 3})
+    assert s.take_diff() is None and s["user"] == "bob" and "prefs" not in s
+

@@ -79,17 +79,25 @@ def install_offer_recorder() -> None:
     _patched = True
 
 
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+_UNSERIALIZABLE = "\x00unserializable"
+
+
 class SyncedSession(dict):  # type: ignore[type-arg]
     """The session dict handed to the HRenderer (and so to ``tag.state`` / ``tag.session``).
 
-    The web worker sends the store's current content with every request; the changes the
-    app makes are returned as a diff the worker applies to the store. The *same* dict
-    object lives for the whole process because htag's TagState keeps a reference to it.
+    The web worker sends the store's content when it changed; the changes the app makes
+    are returned as a diff the worker applies to the store. The *same* dict object lives
+    for the whole process because htag's TagState keeps a reference to it.
+
+    What was last synced is kept per key as ``(type, value)`` for immutable scalars, which
+    are compared as they are, and ``(None, json text)`` for the rest (an app may mutate a
+    list or dict in place), so a click on a session of scalars dumps nothing.
     """
 
     def __init__(self, initial: Dict[str, Any]) -> None:
         super().__init__(initial)
-        self._baseline: Dict[str, str] = {k: self._dump(k, v) for k, v in initial.items()}
+        self._baseline: Dict[str, Tuple[Optional[type], Any]] = {k: self._snap(k, v) for k, v in initial.items()}
 
     @staticmethod
     def _dump(key: str, value: Any) -> str:
@@ -97,17 +105,32 @@ class SyncedSession(dict):  # type: ignore[type-arg]
             return _dumps(value)
         except (TypeError, ValueError):
             logger.error("session key %r holds a value that is not JSON serializable; it is not saved", key)
-            return "\x00unserializable"
+            return _UNSERIALIZABLE
+
+    @classmethod
+    def _snap(cls, key: str, value: Any) -> Tuple[Optional[type], Any]:
+        t = type(value)
+        if t in _SCALARS:
+            return t, value
+        return None, cls._dump(key, value)
 
     def _diff(self) -> Tuple[Dict[str, Any], List[str]]:
         changed: Dict[str, Any] = {}
+        baseline = self._baseline
         for k, v in self.items():
-            dumped = self._dump(k, v)
-            if dumped == "\x00unserializable":
+            base = baseline.get(k)
+            t = type(v)
+            if t in _SCALARS:
+                if base is not None and base[0] is t and (base[1] == v or v != v and base[1] != base[1]):
+                    continue  # same scalar (NaN included)
+                changed[k] = v
                 continue
-            if self._baseline.get(k) != dumped:
-                changed[k] = json.loads(dumped)
-        deleted = [k for k in self._baseline if k not in self]
+            dumped = self._dump(k, v)
+            if dumped == _UNSERIALIZABLE:
+                continue
+            if base is None or base[0] is not None or base[1] != dumped:
+                changed[k] = json.loads(dumped)  # a copy: later in-place edits show in the next diff
+        deleted = [k for k in baseline if k not in self]
         return changed, deleted
 
     def sync(self, snapshot: Dict[str, Any]) -> None:
@@ -115,18 +138,20 @@ class SyncedSession(dict):  # type: ignore[type-arg]
         changed, deleted = self._diff()
         dict.clear(self)
         dict.update(self, snapshot)
-        self._baseline = {k: self._dump(k, v) for k, v in snapshot.items()}
+        self._baseline = {k: self._snap(k, v) for k, v in snapshot.items()}
         dict.update(self, changed)
         for k in deleted:
             dict.pop(self, k, None)
 
     def take_diff(self) -> Optional[Dict[str, Any]]:
         """The changes since the last sync/take, as ``{"set": {...}, "del": [...]}``."""
+        if not self and not self._baseline:
+            return None
         changed, deleted = self._diff()
         if not changed and not deleted:
             return None
         for k, v in changed.items():
-            self._baseline[k] = _dumps(v)
+            self._baseline[k] = self._snap(k, v)
         for k in deleted:
             self._baseline.pop(k, None)
         return {"set": changed, "del": deleted}
