@@ -90,6 +90,67 @@ def test_zygote_and_child_survive_hostile_frames(runtime):
     assert reply["t"] == "html" and "<body" in reply["html"]
 
 
+def _replies(data: bytes) -> list:
+    out = []
+    while len(data) >= 4:
+        (n,) = struct.unpack(">I", data[:4])
+        out.append(json.loads(data[4 : 4 + n].partition(b"\n")[0]))
+        data = data[4 + n :]
+    assert not data, "a reply was cut short"
+    return out
+
+
+def test_a_session_process_answers_pipelined_split_and_bulk_frames_in_order(runtime):
+    """Frames cut anywhere and frames sent many at once are all answered, in order; 6 MB
+    sent without reading a reply (reading pauses, then resumes) loses nothing; a bad frame
+    after good ones gets the good ones answered, then the connection closed."""
+
+    def exchange(path: str, token: str):
+        ping = frame({"t": "ping", "token": token})
+        wrong = frame({"t": "ping", "token": "wrong"})
+        got = {}
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(20)
+            s.connect(path)
+            for byte in ping + wrong:  # one byte per write
+                s.send(bytes([byte]))
+                time.sleep(0.0005)
+            s.sendall(ping + wrong + ping)  # three frames in one write
+            padded = [frame({"t": "ping", "token": t, "pad": "x" * 20000}) for t in (token, "wrong") * 150]
+            s.sendall(b"".join(padded))  # 6 MB without reading anything
+            s.shutdown(socket.SHUT_WR)
+            got["replies"] = _replies(raw_until_eof(s))
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(20)
+            s.connect(path)
+            s.sendall(ping + struct.pack(">I", 5) + b"{nope" + ping)
+            got["after_bad"] = _replies(raw_until_eof(s))  # EOF although not shut down: closed by the process
+        return got
+
+    async def scenario(pool):
+        info = await pool.spawn(KEY, "tests.apps:Counter", [[], {}], {}, OPTS)
+        got = await anyio.to_thread.run_sync(exchange, pool.socket_path(KEY), info["token"])
+        conn = await pool.acquire(KEY)
+        got["render"] = await conn.request({"t": "render", "token": info["token"], "session": {}})
+        await pool.release(conn)
+        return got
+
+    got = run(scenario, runtime)
+    kinds = [r["t"] for r in got["replies"]]
+    assert kinds == ["pong", "gone"] * 2 + ["pong"] + ["pong", "gone"] * 150
+    assert [r["t"] for r in got["after_bad"]] == ["pong"]
+    assert got["render"]["t"] == "html"
+
+
+def raw_until_eof(s: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
 def test_wrong_token_is_told_gone_and_bad_keys_refused(runtime):
     async def scenario(pool):
         await pool.spawn(KEY, "tests.apps:Counter", [[], {}], {}, OPTS)

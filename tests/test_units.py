@@ -1,6 +1,7 @@
 """Unit tests of the parsers and validators, with malformed, oversized and hostile input."""
 import json
 import struct
+from types import SimpleNamespace
 
 import pytest
 from htag import Tag
@@ -8,7 +9,7 @@ from htag import Tag
 from asgi_htag.app import AppOptions, Engine, HtagASGI, app_reference, url_to_init
 from asgi_htag.exceptions import ConfigurationError, FrameTooLarge, ProtocolError
 from asgi_htag.process import wire
-from asgi_htag.process.host import SyncedSession
+from asgi_htag.process.host import SyncedSession, _Peer
 
 
 def test_app_reference_accepts_classes_and_strings():
@@ -168,3 +169,39 @@ def test_synced_session_dumps_no_scalar_to_diff_it(monkeypatch):
     s.sync({"user": "bob", "count": 3})
     assert s.take_diff() is None and s["user"] == "bob" and "prefs" not in s
 
+
+class _FlowTransport:
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def pause_reading(self) -> None:
+        self.calls.append("pause")
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume")
+
+
+def test_session_process_connection_pauses_reading_while_frames_queue_up():
+    peer = _Peer(SimpleNamespace(max_frame_bytes=wire.DEFAULT_MAX_FRAME_BYTES))
+    peer.transport = _FlowTransport()
+    one = wire.encode({"t": "ping"}, raw=b"x" * 100_000)
+    for _ in range(30):
+        peer.data_received(one[:7])  # cut anywhere: only whole frames are queued
+        peer.data_received(one[7:])
+    assert peer.transport.calls == [] and len(peer.frames) == 30
+    for _ in range(12):
+        peer.data_received(one)
+    assert peer.transport.calls == ["pause"]  # above 4 MB queued
+    while peer.frames:
+        peer.taken(len(peer.frames.popleft()))
+    assert peer.transport.calls == ["pause", "resume"] and peer.queued == 0
+
+
+def test_session_process_connection_refuses_an_oversized_frame_before_buffering_it():
+    peer = _Peer(SimpleNamespace(max_frame_bytes=1024))
+    peer.transport = _FlowTransport()
+    good = wire.encode({"t": "ping"})
+    peer.data_received(good + struct.pack(">I", 10 * 1024 * 1024) + b"x" * 100)
+    peer.data_received(b"y" * 100_000 + good)  # after the refusal nothing more is taken in
+    assert list(peer.frames) == [good[4:], None]
+    assert isinstance(peer.error, FrameTooLarge) and not peer.buf

@@ -21,8 +21,8 @@ import os
 import signal
 import traceback
 import re
-from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Set, Tuple
+from collections import OrderedDict, deque
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from ..exceptions import ProtocolError
 from . import wire
@@ -86,9 +86,10 @@ _UNSERIALIZABLE = "\x00unserializable"
 class SyncedSession(dict):  # type: ignore[type-arg]
     """The session dict handed to the HRenderer (and so to ``tag.state`` / ``tag.session``).
 
-    The web worker sends the store's content when it changed; the changes the app makes
-    are returned as a diff the worker applies to the store. The *same* dict object lives
-    for the whole process because htag's TagState keeps a reference to it.
+    The web worker sends the store's content (with every POST, and over a websocket when
+    the store changed); the changes the app makes are returned as a diff the worker applies
+    to the store. The *same* dict object lives for the whole process because htag's
+    TagState keeps a reference to it.
 
     What was last synced is kept per key as ``(type, value)`` for immutable scalars, which
     are compared as they are, and ``(None, json text)`` for the rest (an app may mutate a
@@ -185,7 +186,7 @@ class AppHost:
         self.max_frame_bytes: int = int(opts.get("max_frame_bytes") or wire.DEFAULT_MAX_FRAME_BYTES)
         self.session = SyncedSession(spec.get("session") or {})
         # subscribed connection -> the page id it speaks for (parano keys are per page)
-        self.subscribers: Dict[asyncio.StreamWriter, Optional[str]] = {}
+        self.subscribers: Dict["_Peer", Optional[str]] = {}
         self.parano: bool = bool(opts.get("parano"))
         self.keys: "OrderedDict[str, Any]" = OrderedDict()
         self.lock = asyncio.Lock()
@@ -256,7 +257,7 @@ class AppHost:
         meta: Dict[str, Any] = {"t": "push", "diff": self.session.take_diff()}
         plain: Optional[bytes] = None
         delivered = False
-        for writer, page in list(self.subscribers.items()):
+        for peer, page in list(self.subscribers.items()):
             if self.parano:
                 key = self.keys.get(page or "")
                 if key is None:
@@ -267,19 +268,19 @@ class AppHost:
                     plain = wire.encode(meta, self.max_frame_bytes, raw=_json_bytes(actions))
                 data = plain
             try:
-                writer.write(data)
-                await writer.drain()
+                peer.write(data)
+                await peer.drain()
                 delivered = True
             except (ConnectionError, RuntimeError):
-                self.subscribers.pop(writer, None)
+                self.subscribers.pop(peer, None)
         return delivered
 
     async def say_bye(self) -> None:
         data = wire.encode({"t": "bye", "reason": self._bye_reason})
-        for writer in list(self.subscribers):
+        for peer in list(self.subscribers):
             try:
-                writer.write(data)
-                await writer.drain()
+                peer.write(data)
+                await peer.drain()
             except (ConnectionError, RuntimeError):
                 pass
 
@@ -342,31 +343,43 @@ class AppHost:
         pushes it missed while disconnected are not lost."""
         return self.hr._mkReponse([self.hr.tag])
 
-    async def handle_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve_peer(self, peer: "_Peer") -> None:
+        """Answer one connection's frames in order, until it ends or breaks the protocol."""
+        loop = asyncio.get_running_loop()
+        frames = peer.frames
         try:
             while True:
-                try:
-                    header = await reader.readexactly(_HEADER_SIZE)
-                    length = wire.decode_length(header, self.max_frame_bytes)
-                    frame, raw = wire.split_payload(await reader.readexactly(length))
-                except asyncio.IncompleteReadError:
+                while not frames:
+                    if peer.eof:
+                        return
+                    peer.waiter = loop.create_future()
+                    try:
+                        await peer.waiter
+                    finally:
+                        peer.waiter = None
+                payload = frames.popleft()
+                if payload is None:
+                    logger.warning("process %s: dropping a connection that broke the protocol: %s", os.getpid(), peer.error)
                     return
+                peer.taken(len(payload))
+                try:
+                    frame, raw = wire.split_payload(payload)
                 except ProtocolError as exc:
                     logger.warning("process %s: dropping a connection that broke the protocol: %s", os.getpid(), exc)
                     return
-                reply, out = await self._dispatch(frame, raw, writer)
+                reply, out = await self._dispatch(frame, raw, peer)
                 if reply is not None:
-                    writer.write(wire.encode(reply, self.max_frame_bytes, raw=out))
-                    await writer.drain()
+                    peer.write(wire.encode(reply, self.max_frame_bytes, raw=out))
+                    await peer.drain()
         except (ConnectionError, OSError):
             return
         except asyncio.CancelledError:
             return  # the process is stopping; nothing is waiting for this task's result
         finally:
-            self.subscribers.pop(writer, None)
-            writer.close()
+            self.subscribers.pop(peer, None)
+            peer.close()
 
-    def _hello(self, obj: Dict[str, Any], writer: asyncio.StreamWriter) -> Tuple[Dict[str, Any], bytes]:
+    def _hello(self, obj: Dict[str, Any], peer: "_Peer") -> Tuple[Dict[str, Any], bytes]:
         from ..crypto import PageKey
 
         if not self.parano:
@@ -382,12 +395,12 @@ class AppHost:
         self.keys.move_to_end(page)
         while len(self.keys) > _MAX_PAGE_KEYS:
             self.keys.popitem(last=False)
-        if writer in self.subscribers:
-            self.subscribers[writer] = page
+        if peer in self.subscribers:
+            self.subscribers[peer] = page
         return {"t": "hello"}, _json_bytes({"asgi_htag": "hello", "pub": pub})
 
     async def _interact_frame(
-        self, frame: Dict[str, Any], raw: Optional[bytes], writer: asyncio.StreamWriter
+        self, frame: Dict[str, Any], raw: Optional[bytes], peer: "_Peer"
     ) -> Tuple[Dict[str, Any], bytes]:
         """What the page sent (``raw``, passed through untouched by the worker) -> the
         frame for the worker and the bytes for the page."""
@@ -399,7 +412,7 @@ class AppHost:
             return _page_error("interaction must be a JSON object", 400)
         session = frame.get("session")
         if "hello" in obj:
-            return self._hello(obj, writer)
+            return self._hello(obj, peer)
         if "p" in obj:
             if not self.parano:
                 return _page_error("this app does not take encrypted interactions", 400)
@@ -421,21 +434,21 @@ class AppHost:
         return {"t": "actions", "diff": diff}, _json_bytes(actions)
 
     async def _dispatch(
-        self, frame: Dict[str, Any], raw: Optional[bytes], writer: asyncio.StreamWriter
+        self, frame: Dict[str, Any], raw: Optional[bytes], peer: "_Peer"
     ) -> Tuple[Optional[Dict[str, Any]], Optional[bytes]]:
         t = frame.get("t")
         if frame.get("token") != self.token:
             return {"t": "gone"}, None
         try:
             if t == "interact":
-                return await self._interact_frame(frame, raw, writer)
+                return await self._interact_frame(frame, raw, peer)
             if t == "render":
                 return await self.render(frame), None
             if t == "subscribe":
                 if self.http_only:
                     return {"t": "error", "message": "this app is served in http_only mode"}, None
                 page = frame.get("k") if isinstance(frame.get("k"), str) else None
-                self.subscribers[writer] = page
+                self.subscribers[peer] = page
                 reply: Dict[str, Any] = {
                     "t": "subscribed",
                     "timeout_interaction": self.timeout_interaction,
@@ -462,6 +475,102 @@ class AppHost:
             return _page_error(msg)
 
 
+class _Peer(asyncio.Protocol):
+    """One connection from a worker. Whole frames are cut from what arrives and queued for
+    the connection's one task (:meth:`AppHost.serve_peer`), which answers them in order: no
+    StreamReader, no read call per header and per payload. Also what a subscriber is for
+    pushes: ``write``, ``drain`` and ``close``, as on a StreamWriter."""
+
+    _PAUSE_ABOVE = 4 * 1024 * 1024  # queued bytes above which reading stops until taken
+
+    def __init__(self, host: AppHost) -> None:
+        self.host = host
+        self.transport: Optional[asyncio.Transport] = None
+        self.buf = bytearray()
+        self.frames: "Deque[Optional[bytes]]" = deque()  # None: the protocol was broken here
+        self.error: Optional[ProtocolError] = None
+        self.queued = 0
+        self.waiter: "Optional[asyncio.Future[None]]" = None
+        self.eof = False  # nothing more will arrive
+        self.lost = False  # nothing can be written either
+        self.reading_paused = False
+        self.write_paused = False
+        self.drain_waiter: "Optional[asyncio.Future[None]]" = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        asyncio.get_running_loop().create_task(self.host.serve_peer(self))
+
+    def data_received(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        buf = self.buf
+        buf += data
+        try:
+            while len(buf) >= _HEADER_SIZE:
+                end = _HEADER_SIZE + wire.decode_length(bytes(buf[:_HEADER_SIZE]), self.host.max_frame_bytes)
+                if len(buf) < end:
+                    break
+                self.frames.append(bytes(buf[_HEADER_SIZE:end]))
+                del buf[:end]
+                self.queued += end - _HEADER_SIZE
+        except ProtocolError as exc:  # refused before the payload is buffered
+            self.error = exc
+            self.frames.append(None)
+            buf.clear()
+        if self.queued > self._PAUSE_ABOVE and not self.reading_paused and self.transport is not None:
+            self.transport.pause_reading()
+            self.reading_paused = True
+        self._wake(self.waiter)
+
+    def taken(self, size: int) -> None:
+        self.queued -= size
+        if self.reading_paused and self.queued <= self._PAUSE_ABOVE // 2 and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake(self.waiter)
+        return True  # keep the transport open: the frames already queued still get answers
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.eof = self.lost = True
+        self._wake(self.waiter)
+        self._wake(self.drain_waiter)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake(self.drain_waiter)
+
+    @staticmethod
+    def _wake(fut: "Optional[asyncio.Future[None]]") -> None:
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def write(self, data: bytes) -> None:
+        if self.lost or self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the worker closed the connection")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        while self.write_paused and not self.lost:
+            self.drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.drain_waiter
+            finally:
+                self.drain_waiter = None
+        if self.lost:
+            raise ConnectionResetError("the worker closed the connection")
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
 def _json_bytes(obj: Any) -> bytes:
     return _dumps(obj).encode()
 
@@ -481,7 +590,7 @@ async def serve(spec: Dict[str, Any], tag_class: type, client_js: str, ready_fd:
 
     path = spec["sock_path"]
     tmp = f"{path}.{os.getpid()}.t"
-    server = await asyncio.start_unix_server(host.handle_connection, path=tmp, limit=2**16)
+    server = await loop.create_unix_server(lambda: _Peer(host), path=tmp)
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)  # atomic: a worker never connects to a half-made socket
     os.write(ready_fd, (json.dumps({"ok": True, "pid": os.getpid()}) + "\n").encode())
