@@ -10,6 +10,7 @@ The app id and the process key are derived server-side (a hash of the app's refe
 options, and of the session id), so a URL never names code to import, and a client can only
 ever reach the processes of its own session.
 """
+import gc
 import hashlib
 import html
 import json
@@ -123,7 +124,14 @@ class Engine:
 
     ``process_loop`` is the event loop of the per-session processes: "auto" (uvloop when it
     is installed, else asyncio), "uvloop" (required) or "asyncio". The fork server is
-    shared by every worker of a runtime directory: the first one to start it sets it."""
+    shared by every worker of a runtime directory: the first one to start it sets it.
+
+    ``gc_freeze``: once the server has started (lifespan start-up of the Runner, or of
+    HtagASGI served on its own), collect and then ``gc.freeze()`` every object alive, the
+    imported world of the web worker: a full collection then scans only what requests
+    allocate instead of pausing every user's clicks for all of it (12-21 ms, measured in a
+    benchmark server during bursts of new sessions). Frozen objects are never collected.
+    Mounted apps leave the host app's process alone."""
 
     def __init__(
         self,
@@ -138,6 +146,7 @@ class Engine:
         allowed_origins: Optional[List[str]] = None,
         log_level: Optional[str] = None,
         process_loop: str = "auto",
+        gc_freeze: bool = True,
     ) -> None:
         if max_processes < 1:
             raise ConfigurationError("max_processes must be >= 1")
@@ -163,6 +172,7 @@ class Engine:
             log_level=log_level or logging.getLevelName(logging.getLogger("asgi_htag").getEffectiveLevel()),
         )
         self._pool: Optional[ProcessPool] = None
+        self.gc_freeze = gc_freeze
 
     @property
     def secret(self) -> Secret:
@@ -190,6 +200,13 @@ class Engine:
         for ref in refs:
             self.pool.register_app(ref)
         await self.pool.ensure_zygote()
+
+    def freeze_startup_objects(self) -> None:
+        """Called once the server has started; see ``gc_freeze``."""
+        if self.gc_freeze:
+            gc.collect()
+            gc.freeze()
+            logger.debug("gc: %s objects frozen after start-up", gc.get_freeze_count())
 
     async def shutdown(self) -> None:
         if self._pool is not None:
@@ -563,7 +580,7 @@ class HtagASGI:
             before its process is killed; 0 disables.
         timeout_inactivity: seconds without interaction after which a process exits; 0 = never.
         state_dir, runtime_dir, secret, store, max_processes, max_message_bytes,
-        allowed_origins, zygote_grace_seconds, process_loop: see :class:`Engine`.
+        allowed_origins, zygote_grace_seconds, process_loop, gc_freeze: see :class:`Engine`.
 
     Raises:
         ConfigurationError: at construction, for a bad app reference or bad settings.
@@ -636,6 +653,7 @@ class HtagASGI:
                     logger.exception("asgi_htag start-up failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                self.engine.freeze_startup_objects()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.shutdown()

@@ -63,7 +63,7 @@ class Runner(Starlette):
             session middleware, so ``request.session`` is the apps' session).
         **engine_options: ``state_dir``, ``runtime_dir``, ``secret``, ``store``,
             ``max_processes``, ``max_message_bytes``, ``allowed_origins``,
-            ``process_loop``... (see Engine).
+            ``process_loop``, ``gc_freeze``... (see Engine).
     """
 
     def __init__(
@@ -115,6 +115,7 @@ class Runner(Starlette):
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Any) -> AsyncIterator[None]:
         await self.engine.startup(self._refs)
+        self.engine.freeze_startup_objects()
         try:
             yield
         finally:

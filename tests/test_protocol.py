@@ -434,3 +434,17 @@ def test_runner_process_loop_setting_reaches_the_processes(make_server, setting,
     srv = make_server(env={"TEST_PROCESS_LOOP": setting} if setting else {})
     with httpx.Client(base_url=srv.url, timeout=30) as c:
         assert Page(c, "/loop").texts["loop"].startswith(expected)
+
+
+def test_the_worker_freezes_its_start_up_objects_unless_told_not_to(server, make_server):
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        assert Page(c, "/").status == 200
+        on = c.get("/_gc").json()
+    # the imported world (uvicorn, starlette, htag...) is out of the collector's reach
+    assert on["frozen"] > 20000 and on["tracked"] < on["frozen"]
+    srv = make_server(env={"TEST_GC_FREEZE": "0"})
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        off = c.get("/_gc").json()
+    assert off["frozen"] == 0 and off["tracked"] > 20000

@@ -46,6 +46,7 @@ app = Runner(
     zygote_grace_seconds=float(os.environ.get("TEST_ZYGOTE_GRACE", "1")),
     debug=os.environ.get("TEST_DEBUG") == "1",
     process_loop=os.environ.get("TEST_PROCESS_LOOP", "auto"),
+    gc_freeze=os.environ.get("TEST_GC_FREEZE", "1") == "1",
     middleware=[Middleware(WorkerPid)],
 )
 
@@ -89,6 +90,12 @@ async def get_value(request: Request):
     return JSONResponse({"from_app": request.session.get("from_app"), "keys": sorted(request.session.keys())})
 
 
+async def gc_state(request: Request):
+    import gc
+
+    return JSONResponse({"frozen": gc.get_freeze_count(), "tracked": len(gc.get_objects())})
+
+
 async def stats(request: Request):
     return JSONResponse(await request.app.engine.pool.stats())
 
@@ -98,3 +105,4 @@ for path, route in PAGES.items():
 app.add_route("/set", set_value)
 app.add_route("/get", get_value)
 app.add_route("/_stats", stats)
+app.add_route("/_gc", gc_state)
