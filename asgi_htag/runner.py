@@ -63,7 +63,8 @@ class Runner(Starlette):
             session middleware, so ``request.session`` is the apps' session).
         **engine_options: ``state_dir``, ``runtime_dir``, ``secret``, ``store``,
             ``max_processes``, ``max_message_bytes``, ``allowed_origins``,
-            ``process_loop``, ``gc_freeze``... (see Engine).
+            ``process_loop``, ``gc_freeze``, ``process_batch_scheduling``... (see
+            Engine).
     """
 
     def __init__(

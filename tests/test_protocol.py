@@ -436,15 +436,27 @@ def test_runner_process_loop_setting_reaches_the_processes(make_server, setting,
         assert Page(c, "/loop").texts["loop"].startswith(expected)
 
 
-def test_the_worker_freezes_its_start_up_objects_unless_told_not_to(server, make_server):
+def test_worker_gc_freeze_and_batch_scheduled_processes_by_default_and_both_can_be_turned_off(server, make_server):
     import httpx
 
-    with httpx.Client(base_url=server.url, timeout=30) as c:
-        assert Page(c, "/").status == 200
-        on = c.get("/_gc").json()
+    def observe(url):
+        with httpx.Client(base_url=url, timeout=30) as c:
+            page = Page(c, "/")
+            assert page.status == 200
+            stats = c.get("/_stats").json()
+            return c.get("/_gc").json(), int(page.texts["pid"]), stats
+
+    gc_on, pid, stats = observe(server.url)
     # the imported world (uvicorn, starlette, htag...) is out of the collector's reach
-    assert on["frozen"] > 20000 and on["tracked"] < on["frozen"]
-    srv = make_server(env={"TEST_GC_FREEZE": "0"})
-    with httpx.Client(base_url=srv.url, timeout=30) as c:
-        off = c.get("/_gc").json()
-    assert off["frozen"] == 0 and off["tracked"] > 20000
+    assert gc_on["frozen"] > 20000 and gc_on["tracked"] < gc_on["frozen"]
+    # session processes (and the forker they come from) under SCHED_BATCH; the worker and
+    # the fork server keep the default policy
+    assert os.sched_getscheduler(pid) == os.SCHED_BATCH
+    assert os.sched_getscheduler(stats["forker"]) == os.SCHED_BATCH
+    assert os.sched_getscheduler(stats["pid"]) == os.SCHED_OTHER
+    assert os.sched_getscheduler(server.proc.pid) == os.SCHED_OTHER
+
+    srv = make_server(env={"TEST_GC_FREEZE": "0", "TEST_BATCH_SCHEDULING": "0"})
+    gc_off, pid, _ = observe(srv.url)
+    assert gc_off["frozen"] == 0 and gc_off["tracked"] > 20000
+    assert os.sched_getscheduler(pid) == os.SCHED_OTHER

@@ -48,6 +48,7 @@ class PoolConfig:
     apps: Tuple[str, ...] = field(default=())
     max_starting: int = 0  # processes starting at once; 0 = one per CPU
     process_loop: str = "auto"  # event loop of the per-session processes: auto, uvloop, asyncio
+    batch_scheduling: bool = True  # per-session processes under SCHED_BATCH (see Engine)
 
 
 class _ReadBuffer(asyncio.Protocol):
@@ -293,6 +294,7 @@ class ProcessPool:
             "start_timeout_seconds": self.config.start_timeout_seconds,
             "max_starting": self.config.max_starting,
             "process_loop": self.config.process_loop,
+            "batch_scheduling": self.config.batch_scheduling,
             "log_level": self.config.log_level,
             "sys_path": [p or os.getcwd() for p in sys.path],
             "main_path": self.main_path,

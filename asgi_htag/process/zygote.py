@@ -744,6 +744,23 @@ def _warm_up(runtime_dir: str) -> None:
 
 
 _PROCESS_LOOP = "auto"  # set from the zygote's config: see _run
+_BATCH_SCHEDULING = True  # set from the zygote's config: see _use_batch_scheduling
+
+
+def _use_batch_scheduling() -> None:
+    """Put this process (and what it forks) under SCHED_BATCH: the same share of CPU at the
+    same nice, but a wake-up does not preempt whoever is running. Session processes then
+    do not preempt each other on every click, and the web worker (SCHED_OTHER) still
+    preempts them. Unprivileged, and reversible without privileges; where the platform has
+    no such policy, nothing changes."""
+    setter = getattr(os, "sched_setscheduler", None)
+    policy = getattr(os, "SCHED_BATCH", None)
+    if setter is None or policy is None:
+        return
+    try:
+        setter(0, policy, os.sched_param(0))
+    except OSError as exc:
+        logger.warning("cannot use SCHED_BATCH for the session processes: %s", exc)
 
 
 def _run(coro: Any) -> None:
@@ -808,6 +825,8 @@ def _forker_main(sock: socket.socket, client_js: str, apps: Dict[str, type], mai
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the zygote's end is ours
     if os.getppid() == 1:
         return  # the zygote died before the line above
+    if _BATCH_SCHEDULING:
+        _use_batch_scheduling()  # inherited by every process forked from here
     signal.signal(signal.SIGCHLD, lambda signum, frame: _reap_children())
     sock.settimeout(None)
     chld = {signal.SIGCHLD}
@@ -904,8 +923,9 @@ def main(argv: List[str]) -> int:
         _prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     gc.disable()  # see Zygote._spawn: the zygote's heap stays dense and shared
     _configure_logging(cfg.get("log_level", "WARNING"))
-    global _PROCESS_LOOP
+    global _PROCESS_LOOP, _BATCH_SCHEDULING
     _PROCESS_LOOP = cfg.get("process_loop") or "auto"
+    _BATCH_SCHEDULING = bool(cfg.get("batch_scheduling", True))
     for p in reversed(cfg.get("sys_path") or []):
         if p not in sys.path:
             sys.path.insert(0, p)

@@ -47,6 +47,7 @@ app = Runner(
     debug=os.environ.get("TEST_DEBUG") == "1",
     process_loop=os.environ.get("TEST_PROCESS_LOOP", "auto"),
     gc_freeze=os.environ.get("TEST_GC_FREEZE", "1") == "1",
+    process_batch_scheduling=os.environ.get("TEST_BATCH_SCHEDULING", "1") == "1",
     middleware=[Middleware(WorkerPid)],
 )
 
