@@ -261,6 +261,53 @@ def test_a_late_app_whose_file_changes_gets_a_fresh_fork_server(runtime, tmp_pat
     assert new_zygote != old_zygote
 
 
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def test_requests_to_the_zygote_reuse_idle_connections_and_survive_its_replacement(runtime, monkeypatch):
+    """Renders ask the zygote for the process each time: one connection serves them one
+    after the other (no connect/accept per render), concurrent ones open more and at most
+    a few stay idle. When the zygote is killed, its idle connections are dropped and the
+    next request reaches a new zygote."""
+    opened = []
+    real = ProcessPool._new_zygote_connection
+
+    async def counting(self):
+        conn = await real(self)
+        opened.append(conn)
+        return conn
+
+    monkeypatch.setattr(ProcessPool, "_new_zygote_connection", counting)
+
+    async def scenario(pool):
+        first = await pool.spawn(KEY, "tests.apps:Counter", [[], {}], {}, OPTS)
+        for _ in range(5):
+            again = await pool.spawn(KEY, "tests.apps:Counter", [[], {}], {}, OPTS)
+            assert again["pid"] == first["pid"] and not again["created"]
+        stats = await pool.stats()
+        sequential = len(opened)
+        async with anyio.create_task_group() as tg:
+            for i in range(12):
+                tg.start_soon(pool.spawn, f"{i:020d}", "tests.apps:Counter", [[], {}], {}, OPTS)
+        concurrent, idle = len(opened), len(pool._zygote_idle)
+        os.kill(stats["pid"], 9)
+        for _ in range(100):  # dead (maybe a zombie nobody reaps): its sockets are closed
+            if _gone(stats["pid"]):
+                break
+            await anyio.sleep(0.05)
+        after = await pool.spawn(KEY, "tests.apps:Counter", [[], {}], {}, OPTS)
+        return first, stats, sequential, concurrent, idle, after, await pool.stats()
+
+    first, stats, sequential, concurrent, idle, after, stats2 = run(scenario, runtime)
+    assert sequential == 1  # six spawns and a stats call on one connection
+    assert 1 < concurrent <= 13 and idle <= 8
+    assert stats2["pid"] != stats["pid"] and after["created"] and after["pid"] != first["pid"]
+
+
 def test_pool_limit(runtime):
     from asgi_htag.exceptions import PoolFull
 

@@ -237,6 +237,9 @@ class ProcessPool:
         self._idle_count = 0
         self.max_idle_total = 512
         self._apps = set(config.apps)
+        # connections to the zygote kept for the next request (one request at a time each);
+        # they belong to the zygote of the current presence connection
+        self._zygote_idle: List[ChildConnection] = []
 
     def socket_path(self, key: str) -> str:
         return os.path.join(self._runtime, key + ".s")
@@ -254,6 +257,7 @@ class ProcessPool:
             if self._presence is not None and await self._presence_alive():
                 return
             self._presence = None
+            await self._drop_zygote_idle()  # they may lead to a zygote on its way out
             try:
                 stream = await self._zygote_connect()
             except OSError:
@@ -270,10 +274,16 @@ class ProcessPool:
                 await self._preload(sorted(self._apps))
 
     async def _drop_presence(self) -> None:
+        await self._drop_zygote_idle()
         if self._presence is not None:
             presence, self._presence = self._presence, None
             with anyio.CancelScope(shield=True):
                 await presence.aclose()
+
+    async def _drop_zygote_idle(self) -> None:
+        idle, self._zygote_idle = self._zygote_idle, []
+        for conn in idle:
+            await conn.aclose()
 
     async def _presence_alive(self) -> bool:
         assert self._presence is not None
@@ -325,19 +335,49 @@ class ProcessPool:
             await self.ensure_zygote()
             return await self._zygote_call(msg, timeout=timeout)
 
+    _MAX_IDLE_ZYGOTE_CONNECTIONS = 8
+
+    async def _new_zygote_connection(self) -> ChildConnection:
+        path = os.path.join(self._runtime, "zygote.s")
+        try:
+            stream: "SocketStream | _UnixStream" = (
+                await _UnixStream.connect(path) if _on_asyncio() else await anyio.connect_unix(path)
+            )
+        except OSError as exc:
+            raise ProcessStartError("the fork server is not running") from exc
+        return ChildConnection("zygote", stream, wire.DEFAULT_MAX_FRAME_BYTES)
+
     async def _zygote_call(self, msg: Dict[str, Any], *, timeout: float) -> Dict[str, Any]:
+        """One request/reply with the zygote, on a connection an earlier call left idle when
+        there is one (no connect and accept per page render), else on a new one. An idle
+        connection that turns out broken (the zygote went away since) is dropped with the
+        other idle ones and the request goes once more on a new connection: every request
+        is one the zygote may see twice (spawn answers with the live process, kill names
+        the pid). A connection goes back to the idle list only after a whole reply."""
         with anyio.fail_after(timeout):
+            reused = bool(self._zygote_idle)
+            conn = self._zygote_idle.pop() if reused else await self._new_zygote_connection()
+            done = False
             try:
-                stream = await self._zygote_connect()
-            except OSError as exc:
-                raise ProcessStartError("the fork server is not running") from exc
-            conn = ChildConnection("zygote", stream, wire.DEFAULT_MAX_FRAME_BYTES)
-            try:
-                return await conn.request(msg)
-            except ProcessGone as exc:
-                raise ProcessStartError("the fork server closed the connection") from exc
+                try:
+                    reply = await conn.request(msg)
+                except ProcessGone as exc:
+                    if not reused:
+                        raise ProcessStartError("the fork server closed the connection") from exc
+                    await conn.aclose()
+                    await self._drop_zygote_idle()
+                    conn = await self._new_zygote_connection()
+                    try:
+                        reply = await conn.request(msg)
+                    except ProcessGone as exc2:
+                        raise ProcessStartError("the fork server closed the connection") from exc2
+                done = True
+                return reply
             finally:
-                await conn.aclose()
+                if done and not conn.broken and len(self._zygote_idle) < self._MAX_IDLE_ZYGOTE_CONNECTIONS:
+                    self._zygote_idle.append(conn)
+                else:
+                    await conn.aclose()  # a reply may still be on its way: never reuse it
 
     async def spawn(
         self,
@@ -447,6 +487,7 @@ class ProcessPool:
         """Close our connections; the zygote notices our presence is gone."""
         for key in list(self._idle):
             await self.drop_idle(key)
+        await self._drop_zygote_idle()
         if self._presence is not None:
             await self._presence.aclose()
             self._presence = None
