@@ -496,10 +496,11 @@ class _Peer(asyncio.Protocol):
         self.reading_paused = False
         self.write_paused = False
         self.drain_waiter: "Optional[asyncio.Future[None]]" = None
+        self.task: "Optional[asyncio.Task[None]]" = None  # held here: the loop keeps tasks only weakly
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        asyncio.get_running_loop().create_task(self.host.serve_peer(self))
+        self.task = asyncio.get_running_loop().create_task(self.host.serve_peer(self))
 
     def data_received(self, data: bytes) -> None:
         if self.error is not None:

@@ -325,7 +325,7 @@ class ProcessPool:
         self._apps.add(ref)
 
     async def zygote_request(self, msg: Dict[str, Any], *, timeout: float = 10.0) -> Dict[str, Any]:
-        """One request/reply with the zygote on a fresh connection (starting it if needed)."""
+        """One request/reply with the zygote (starting it if needed); see :meth:`_zygote_call`."""
         await self.ensure_zygote()
         try:
             return await self._zygote_call(msg, timeout=timeout)
