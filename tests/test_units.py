@@ -149,6 +149,11 @@ def test_synced_session_compares_scalars_by_type_and_value():
     s["f"] = 1  # 1.5 -> 1: a different type and value
     s["b"] = 0
     assert s.take_diff() == {"set": {"n": True, "f": 1, "b": 0}, "del": []}
+    s["z"] = -0.0
+    s["nan"] = float("nan")  # another NaN object: the same value in JSON
+    assert s.take_diff() == {"set": {"z": -0.0}, "del": []}
+    s["z"] = 0.0  # equal to -0.0 in Python, not in JSON
+    assert s.take_diff() == {"set": {"z": 0.0}, "del": []}
     s["d"]["k"].append(2)  # a nested edit in place
     s["s"] = {"now": "a dict"}
     diff = s.take_diff()

@@ -122,8 +122,10 @@ class SyncedSession(dict):  # type: ignore[type-arg]
             base = baseline.get(k)
             t = type(v)
             if t in _SCALARS:
-                if base is not None and base[0] is t and (base[1] == v or v != v and base[1] != base[1]):
-                    continue  # same scalar (NaN included)
+                if base is not None and base[0] is t:
+                    # floats by repr, as JSON sees them: NaN is NaN, -0.0 is not 0.0
+                    if base[1] == v if t is not float else repr(base[1]) == repr(v):
+                        continue
                 changed[k] = v
                 continue
             dumped = self._dump(k, v)
