@@ -137,7 +137,8 @@ class Engine:
     policy (same share of CPU, same nice): a session process that wakes up does not
     preempt another one that is running, so 50 busy sessions on 2 cores switch less
     (more clicks served per second of CPU), while the web worker, which every click goes
-    through, still preempts them. Set it False to keep the default policy."""
+    through, still preempts them. Set it False to keep the default policy. Like
+    ``process_loop``, it is the setting of the worker that starts the fork server."""
 
     def __init__(
         self,
