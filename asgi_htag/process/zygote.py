@@ -423,7 +423,9 @@ class Zygote:
         way, opened by the forker before the child could be reaped. Raises
         ProcessStartError (``kind`` "import" if the forker could not import the app)."""
         sock = self._ensure_forker()
-        frame = wire.encode({"spec": spec, "app": ref}, CONTROL_MAX_FRAME_BYTES)
+        # the spec travels as raw JSON that only the new process decodes: the forker reads
+        # the app's name and nothing else (see _forker_main)
+        frame = wire.encode({"app": ref}, CONTROL_MAX_FRAME_BYTES, raw=json.dumps(spec, separators=(",", ":")).encode())
         socket.send_fds(sock, [frame[: wire.HEADER_SIZE]], [ready_w])
         sock.sendall(frame[wire.HEADER_SIZE :])
         data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 1)
@@ -837,7 +839,7 @@ def _forker_main(sock: socket.socket, client_js: str, apps: Dict[str, type], mai
                 return
             head += _recv_exactly(sock, wire.HEADER_SIZE - len(head))
             length = wire.decode_length(head, CONTROL_MAX_FRAME_BYTES)
-            request = wire.decode_payload(_recv_exactly(sock, length))
+            request, raw_spec = wire.split_payload(_recv_exactly(sock, length))
         except (EOFError, OSError, ProtocolError):
             return
         if len(fds) != 1:
@@ -867,7 +869,7 @@ def _forker_main(sock: socket.socket, client_js: str, apps: Dict[str, type], mai
                 sock.close()
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, chld)
-                _child_main(request["spec"], cls, client_js, ready_w)
+                _child_main(json.loads(raw_spec or b"null"), cls, client_js, ready_w)
                 code = 0
             except BaseException:
                 try:
@@ -883,7 +885,8 @@ def _forker_main(sock: socket.socket, client_js: str, apps: Dict[str, type], mai
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, chld)
         try:
-            socket.send_fds(sock, [json.dumps({"ok": True, "pid": pid, "file": loaded_from}).encode()], [pidfd])
+            reply = b'{"ok":true,"pid":%d,"file":%s}' % (pid, b"null" if loaded_from is None else json.dumps(loaded_from).encode())
+            socket.send_fds(sock, [reply], [pidfd])
         except OSError:
             return
         finally:
