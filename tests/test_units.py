@@ -1,4 +1,5 @@
 """Unit tests of the parsers and validators, with malformed, oversized and hostile input."""
+import asyncio
 import json
 import struct
 from types import SimpleNamespace
@@ -210,3 +211,25 @@ def test_session_process_connection_refuses_an_oversized_frame_before_buffering_
     peer.data_received(b"y" * 100_000 + good)  # after the refusal nothing more is taken in
     assert list(peer.frames) == [good[4:], None]
     assert isinstance(peer.error, FrameTooLarge) and not peer.buf
+
+
+def test_session_process_connection_wakes_every_writer_waiting_for_a_drain():
+    """A reply and pushes from other tasks may wait on one paused transport together: all
+    of them go on when it drains, and all of them learn it when the worker is gone."""
+
+    async def scenario():
+        peer = _Peer(SimpleNamespace(max_frame_bytes=1024))
+        peer.pause_writing()
+        waiting = [asyncio.ensure_future(peer.drain()) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert not any(w.done() for w in waiting)
+        peer.resume_writing()
+        await asyncio.wait_for(asyncio.gather(*waiting), 5)  # bounded: a forgotten waiter fails here
+        peer.pause_writing()
+        waiting = [asyncio.ensure_future(peer.drain()) for _ in range(2)]
+        await asyncio.sleep(0)
+        peer.connection_lost(None)
+        results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
+        return [type(r).__name__ for r in results]
+
+    assert asyncio.run(scenario()) == ["ConnectionResetError", "ConnectionResetError"]

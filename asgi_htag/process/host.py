@@ -497,7 +497,8 @@ class _Peer(asyncio.Protocol):
         self.lost = False  # nothing can be written either
         self.reading_paused = False
         self.write_paused = False
-        self.drain_waiter: "Optional[asyncio.Future[None]]" = None
+        # a reply and pushes (tag.update from other tasks) may all wait for the same drain
+        self.drain_waiters: "List[asyncio.Future[None]]" = []
         self.task: "Optional[asyncio.Task[None]]" = None  # held here: the loop keeps tasks only weakly
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -540,14 +541,19 @@ class _Peer(asyncio.Protocol):
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.eof = self.lost = True
         self._wake(self.waiter)
-        self._wake(self.drain_waiter)
+        self._wake_drainers()
 
     def pause_writing(self) -> None:
         self.write_paused = True
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self._wake(self.drain_waiter)
+        self._wake_drainers()
+
+    def _wake_drainers(self) -> None:
+        waiters, self.drain_waiters = self.drain_waiters, []
+        for fut in waiters:
+            self._wake(fut)
 
     @staticmethod
     def _wake(fut: "Optional[asyncio.Future[None]]") -> None:
@@ -561,11 +567,9 @@ class _Peer(asyncio.Protocol):
 
     async def drain(self) -> None:
         while self.write_paused and not self.lost:
-            self.drain_waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self.drain_waiter
-            finally:
-                self.drain_waiter = None
+            fut: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
+            self.drain_waiters.append(fut)
+            await fut
         if self.lost:
             raise ConnectionResetError("the worker closed the connection")
 
