@@ -294,17 +294,24 @@ def test_requests_to_the_zygote_reuse_idle_connections_and_survive_its_replaceme
             for i in range(12):
                 tg.start_soon(pool.spawn, f"{i:020d}", "tests.apps:Counter", [[], {}], {}, OPTS)
         concurrent, idle = len(opened), len(pool._zygote_idle)
+        # a request in flight when the idle connections are dropped (the zygote found dead or
+        # stale) does not bring its connection back among them
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: pool._zygote_call({"op": "stats"}, timeout=10))
+            await anyio.sleep(0)  # the request is on its way on an idle connection
+            await pool._drop_zygote_idle()
+        dropped_in_flight = len(pool._zygote_idle)
         os.kill(stats["pid"], 9)
         for _ in range(100):  # dead (maybe a zombie nobody reaps): its sockets are closed
             if _gone(stats["pid"]):
                 break
             await anyio.sleep(0.05)
         after = await pool.spawn(KEY, "tests.apps:Counter", [[], {}], {}, OPTS)
-        return first, stats, sequential, concurrent, idle, after, await pool.stats()
+        return first, stats, sequential, concurrent, idle, dropped_in_flight, after, await pool.stats()
 
-    first, stats, sequential, concurrent, idle, after, stats2 = run(scenario, runtime)
+    first, stats, sequential, concurrent, idle, dropped_in_flight, after, stats2 = run(scenario, runtime)
     assert sequential == 1  # six spawns and a stats call on one connection
-    assert 1 < concurrent <= 13 and idle <= 8
+    assert 1 < concurrent <= 13 and idle <= 8 and dropped_in_flight == 0
     assert stats2["pid"] != stats["pid"] and after["created"] and after["pid"] != first["pid"]
 
 

@@ -240,6 +240,7 @@ class ProcessPool:
         # connections to the zygote kept for the next request (one request at a time each);
         # they belong to the zygote of the current presence connection
         self._zygote_idle: List[ChildConnection] = []
+        self._zygote_generation = 0  # moves when they are dropped: one in flight then is not kept
 
     def socket_path(self, key: str) -> str:
         return os.path.join(self._runtime, key + ".s")
@@ -281,6 +282,7 @@ class ProcessPool:
                 await presence.aclose()
 
     async def _drop_zygote_idle(self) -> None:
+        self._zygote_generation += 1
         idle, self._zygote_idle = self._zygote_idle, []
         for conn in idle:
             await conn.aclose()
@@ -353,8 +355,10 @@ class ProcessPool:
         connection that turns out broken (the zygote went away since) is dropped with the
         other idle ones and the request goes once more on a new connection: every request
         is one the zygote may see twice (spawn answers with the live process, kill names
-        the pid). A connection goes back to the idle list only after a whole reply."""
+        the pid). A connection goes back to the idle list only after a whole reply, and not
+        if the idle ones were dropped meanwhile (it may lead to the zygote they led to)."""
         with anyio.fail_after(timeout):
+            generation = self._zygote_generation
             reused = bool(self._zygote_idle)
             conn = self._zygote_idle.pop() if reused else await self._new_zygote_connection()
             done = False
@@ -366,6 +370,7 @@ class ProcessPool:
                         raise ProcessStartError("the fork server closed the connection") from exc
                     await conn.aclose()
                     await self._drop_zygote_idle()
+                    generation = self._zygote_generation
                     conn = await self._new_zygote_connection()
                     try:
                         reply = await conn.request(msg)
@@ -374,7 +379,8 @@ class ProcessPool:
                 done = True
                 return reply
             finally:
-                if done and not conn.broken and len(self._zygote_idle) < self._MAX_IDLE_ZYGOTE_CONNECTIONS:
+                keep = done and not conn.broken and generation == self._zygote_generation
+                if keep and len(self._zygote_idle) < self._MAX_IDLE_ZYGOTE_CONNECTIONS:
                     self._zygote_idle.append(conn)
                 else:
                     await conn.aclose()  # a reply may still be on its way: never reuse it
