@@ -210,7 +210,7 @@ def test_session_process_connection_refuses_an_oversized_frame_before_buffering_
     peer.data_received(good + struct.pack(">I", 10 * 1024 * 1024) + b"x" * 100)
     peer.data_received(b"y" * 100_000 + good)  # after the refusal nothing more is taken in
     assert list(peer.frames) == [good[4:], None]
-    assert isinstance(peer.error, FrameTooLarge) and not peer.buf
+    assert isinstance(peer.error, FrameTooLarge) and not len(peer.incoming)
 
 
 def test_session_process_connection_wakes_every_writer_waiting_for_a_drain():

@@ -477,7 +477,7 @@ class AppHost:
             return _page_error(msg)
 
 
-class _Peer(asyncio.Protocol):
+class _Peer(wire.FlowProtocol):
     """One connection from a worker. Whole frames are cut from what arrives and queued for
     the connection's one task (:meth:`AppHost.serve_peer`), which answers them in order: no
     StreamReader, no read call per header and per payload. Also what a subscriber is for
@@ -486,19 +486,16 @@ class _Peer(asyncio.Protocol):
     _PAUSE_ABOVE = 4 * 1024 * 1024  # queued bytes above which reading stops until taken
 
     def __init__(self, host: AppHost) -> None:
+        super().__init__()
         self.host = host
         self.transport: Optional[asyncio.Transport] = None
-        self.buf = bytearray()
+        self.incoming = wire.FrameBuffer(host.max_frame_bytes)
         self.frames: "Deque[Optional[bytes]]" = deque()  # None: the protocol was broken here
         self.error: Optional[ProtocolError] = None
         self.queued = 0
         self.waiter: "Optional[asyncio.Future[None]]" = None
         self.eof = False  # nothing more will arrive
-        self.lost = False  # nothing can be written either
         self.reading_paused = False
-        self.write_paused = False
-        # a reply and pushes (tag.update from other tasks) may all wait for the same drain
-        self.drain_waiters: "List[asyncio.Future[None]]" = []
         self.task: "Optional[asyncio.Task[None]]" = None  # held here: the loop keeps tasks only weakly
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -508,24 +505,21 @@ class _Peer(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.error is not None:
             return
-        buf = self.buf
-        buf += data
+        self.incoming.feed(data)
         try:
-            while len(buf) >= _HEADER_SIZE:
-                end = _HEADER_SIZE + wire.decode_length(bytes(buf[:_HEADER_SIZE]), self.host.max_frame_bytes)
-                if len(buf) < end:
-                    break
-                self.frames.append(bytes(buf[_HEADER_SIZE:end]))
-                del buf[:end]
-                self.queued += end - _HEADER_SIZE
+            payload = self.incoming.next_payload()
+            while payload is not None:
+                self.frames.append(payload)
+                self.queued += len(payload)
+                payload = self.incoming.next_payload()
         except ProtocolError as exc:  # refused before the payload is buffered
             self.error = exc
             self.frames.append(None)
-            buf.clear()
+            self.incoming.clear()
         if self.queued > self._PAUSE_ABOVE and not self.reading_paused and self.transport is not None:
             self.transport.pause_reading()
             self.reading_paused = True
-        self._wake(self.waiter)
+        self._wake()
 
     def taken(self, size: int) -> None:
         self.queued -= size
@@ -535,43 +529,22 @@ class _Peer(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        self._wake(self.waiter)
+        self._wake()
         return True  # keep the transport open: the frames already queued still get answers
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
-        self.eof = self.lost = True
-        self._wake(self.waiter)
-        self._wake_drainers()
+        self.eof = True
+        self._wake()
+        self._connection_gone()
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        self._wake_drainers()
-
-    def _wake_drainers(self) -> None:
-        waiters, self.drain_waiters = self.drain_waiters, []
-        for fut in waiters:
-            self._wake(fut)
-
-    @staticmethod
-    def _wake(fut: "Optional[asyncio.Future[None]]") -> None:
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
     def write(self, data: bytes) -> None:
         if self.lost or self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("the worker closed the connection")
         self.transport.write(data)
-
-    async def drain(self) -> None:
-        while self.write_paused and not self.lost:
-            fut: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
-            self.drain_waiters.append(fut)
-            await fut
-        if self.lost:
-            raise ConnectionResetError("the worker closed the connection")
 
     def close(self) -> None:
         if self.transport is not None:

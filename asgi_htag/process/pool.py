@@ -51,19 +51,18 @@ class PoolConfig:
     batch_scheduling: bool = True  # per-session processes under SCHED_BATCH (see Engine)
 
 
-class _ReadBuffer(asyncio.Protocol):
+class _ReadBuffer(wire.FlowProtocol):
     """Protocol of :class:`_UnixStream`: keeps what arrives, wakes the one reader."""
 
     _PAUSE_ABOVE = 4 * 1024 * 1024  # stop reading from a process that outpaces its reader
 
     def __init__(self) -> None:
+        super().__init__()
         self.transport: Optional[asyncio.Transport] = None
         self.buf = bytearray()
-        self.lost = False
+        self.eof = False
         self.paused = False
         self.waiter: Optional["asyncio.Future[None]"] = None
-        self.write_paused = False
-        self.drain_waiter: Optional["asyncio.Future[None]"] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -76,26 +75,18 @@ class _ReadBuffer(asyncio.Protocol):
         self._wake()
 
     def eof_received(self) -> bool:
-        self.lost = True
+        self.eof = True
         self._wake()
         return False
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
-        self.lost = True
-        self.write_paused = False
+        self.eof = True
         self._wake()
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        self._wake()
+        self._connection_gone()
 
     def _wake(self) -> None:
-        for w in (self.waiter, self.drain_waiter):
-            if w is not None and not w.done():
-                w.set_result(None)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
 
 class _UnixStream:
@@ -117,21 +108,15 @@ class _UnixStream:
         return cls(transport, proto)  # type: ignore[arg-type]
 
     async def send(self, data: bytes) -> None:
-        proto = self._proto
-        if proto.lost or self._transport.is_closing():
+        if self._proto.lost or self._transport.is_closing():
             raise anyio.BrokenResourceError
         self._transport.write(data)
-        while proto.write_paused and not proto.lost:
-            proto.drain_waiter = asyncio.get_running_loop().create_future()
-            try:
-                await proto.drain_waiter
-            finally:
-                proto.drain_waiter = None
+        await self._proto.drain()  # ConnectionResetError if the process goes meanwhile
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         proto = self._proto
         while not proto.buf:
-            if proto.lost:
+            if proto.eof:
                 raise anyio.EndOfStream
             proto.waiter = asyncio.get_running_loop().create_future()
             try:
@@ -140,7 +125,7 @@ class _UnixStream:
                 proto.waiter = None
         data = bytes(proto.buf)
         proto.buf.clear()
-        if proto.paused and not proto.lost:
+        if proto.paused and not proto.eof:
             proto.paused = False
             self._transport.resume_reading()
         return data
@@ -162,12 +147,12 @@ class ChildConnection:
     idle pool, so it may lead to a process that has since died and been replaced (the
     socket name is the same)."""
 
-    __slots__ = ("key", "_stream", "_buf", "_max", "broken", "reused")
+    __slots__ = ("key", "_stream", "_frames", "_max", "broken", "reused")
 
     def __init__(self, key: str, stream: "SocketStream | _UnixStream", max_frame_bytes: int) -> None:
         self.key = key
         self._stream = stream
-        self._buf = bytearray()
+        self._frames = wire.FrameBuffer(max_frame_bytes)
         self._max = max_frame_bytes
         self.broken = False
         self.reused = False
@@ -185,18 +170,14 @@ class ChildConnection:
     async def receive_frame(self) -> Tuple[Dict[str, Any], Optional[bytes]]:
         """The next frame and its raw bytes. Raises ProcessGone on EOF, ProtocolError on a
         bad frame (the connection is then unusable)."""
-        buf = self._buf
+        frames = self._frames
         try:
             while True:
-                if len(buf) >= wire.HEADER_SIZE:
-                    length = wire.decode_length(bytes(buf[: wire.HEADER_SIZE]), self._max)
-                    end = wire.HEADER_SIZE + length
-                    if len(buf) >= end:
-                        payload = bytes(buf[wire.HEADER_SIZE : end])
-                        del buf[:end]
-                        return wire.split_payload(payload)
+                payload = frames.next_payload()
+                if payload is not None:
+                    return wire.split_payload(payload)
                 try:
-                    buf += await self._stream.receive(262144)
+                    frames.feed(await self._stream.receive(262144))
                 except _STREAM_ERRORS as exc:
                     raise ProcessGone("the app process closed the connection") from exc
         except (ProcessGone, ProtocolError):

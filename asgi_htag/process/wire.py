@@ -4,9 +4,10 @@ A frame is a 4-byte big-endian unsigned length followed by that many bytes of UT
 whose top level is an object. Readers refuse a length above their limit *before* reading
 the payload, so a hostile or broken peer cannot make anyone buffer more than the limit.
 """
+import asyncio
 import json
 import struct
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..exceptions import FrameTooLarge, ProtocolError
 
@@ -72,24 +73,78 @@ class FrameBuffer:
         self._buf = bytearray()
         self._max = max_frame_bytes
 
+    def __len__(self) -> int:
+        """Bytes buffered, whole frames or not."""
+        return len(self._buf)
+
     def feed(self, data: bytes) -> None:
         self._buf += data
 
+    def clear(self) -> None:
+        self._buf.clear()
+
+    def next_payload(self) -> Optional[bytes]:
+        """The payload of the next complete frame, or None if more bytes are needed.
+
+        Raises:
+            ProtocolError: the buffered bytes cannot be a valid frame (an announced length
+                above the limit is refused before its payload is waited for).
+        """
+        buf = self._buf
+        if len(buf) < HEADER_SIZE:
+            return None
+        end = HEADER_SIZE + decode_length(bytes(buf[:HEADER_SIZE]), self._max)
+        if len(buf) < end:
+            return None
+        payload = bytes(buf[HEADER_SIZE:end])
+        del buf[:end]
+        return payload
+
     def next_frame(self) -> Optional[Dict[str, Any]]:
-        """The next complete frame, or None if more bytes are needed.
+        """The JSON object of the next complete frame, or None if more bytes are needed.
 
         Raises:
             ProtocolError: the buffered bytes cannot be a valid frame.
         """
-        if len(self._buf) < HEADER_SIZE:
-            return None
-        length = decode_length(bytes(self._buf[:HEADER_SIZE]), self._max)
-        end = HEADER_SIZE + length
-        if len(self._buf) < end:
-            return None
-        payload = bytes(self._buf[HEADER_SIZE:end])
-        del self._buf[:end]
-        return split_payload(payload)[0]
+        payload = self.next_payload()
+        return None if payload is None else split_payload(payload)[0]
 
 
-__all__ = ("encode", "decode_length", "decode_payload", "split_payload", "FrameBuffer", "DEFAULT_MAX_FRAME_BYTES", "HEADER_SIZE")
+class FlowProtocol(asyncio.Protocol):
+    """The write side of a protocol: ``drain()`` waits while the transport asks us to stop
+    writing; every task waiting there is woken when it may go on, and told
+    (ConnectionResetError) when the connection is gone. Subclasses call
+    :meth:`_connection_gone` from ``connection_lost``."""
+
+    def __init__(self) -> None:
+        self.lost = False
+        self.write_paused = False
+        self._drain_waiters: "List[asyncio.Future[None]]" = []
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake_drainers()
+
+    def _connection_gone(self) -> None:
+        self.lost = True
+        self._wake_drainers()
+
+    def _wake_drainers(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def drain(self) -> None:
+        while self.write_paused and not self.lost:
+            fut: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
+            self._drain_waiters.append(fut)
+            await fut
+        if self.lost:
+            raise ConnectionResetError("the peer closed the connection")
+
+
+__all__ = ("encode", "decode_length", "decode_payload", "split_payload", "FrameBuffer", "FlowProtocol", "DEFAULT_MAX_FRAME_BYTES", "HEADER_SIZE")
