@@ -15,6 +15,7 @@ import anyio
 import pytest
 
 from asgi_htag.exceptions import ProcessGone, ProcessStartError
+from asgi_htag.process.pool import _ZYGOTE as ZYGOTE
 from asgi_htag.process.pool import PoolConfig, ProcessPool
 from tests.conftest import ROOT, pids_in_runtime
 
@@ -274,14 +275,15 @@ def test_requests_to_the_zygote_reuse_idle_connections_and_survive_its_replaceme
     a few stay idle. When the zygote is killed, its idle connections are dropped and the
     next request reaches a new zygote."""
     opened = []
-    real = ProcessPool._new_zygote_connection
+    real = ProcessPool.connect
 
-    async def counting(self):
-        conn = await real(self)
-        opened.append(conn)
+    async def counting(self, key):
+        conn = await real(self, key)
+        if key == ZYGOTE:
+            opened.append(conn)
         return conn
 
-    monkeypatch.setattr(ProcessPool, "_new_zygote_connection", counting)
+    monkeypatch.setattr(ProcessPool, "connect", counting)
 
     async def scenario(pool):
         first = await pool.spawn(KEY, "tests.apps:Counter", [[], {}], {}, OPTS)
@@ -293,14 +295,14 @@ def test_requests_to_the_zygote_reuse_idle_connections_and_survive_its_replaceme
         async with anyio.create_task_group() as tg:
             for i in range(12):
                 tg.start_soon(pool.spawn, f"{i:020d}", "tests.apps:Counter", [[], {}], {}, OPTS)
-        concurrent, idle = len(opened), len(pool._zygote_idle)
+        concurrent, idle = len(opened), len(pool._idle.get(ZYGOTE, []))
         # a request in flight when the idle connections are dropped (the zygote found dead or
         # stale) does not bring its connection back among them
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: pool._zygote_call({"op": "stats"}, timeout=10))
             await anyio.sleep(0)  # the request is on its way on an idle connection
-            await pool._drop_zygote_idle()
-        dropped_in_flight = len(pool._zygote_idle)
+            await pool.drop_idle(ZYGOTE)
+        dropped_in_flight = len(pool._idle.get(ZYGOTE, []))
         os.kill(stats["pid"], 9)
         for _ in range(100):  # dead (maybe a zombie nobody reaps): its sockets are closed
             if _gone(stats["pid"]):
@@ -311,7 +313,7 @@ def test_requests_to_the_zygote_reuse_idle_connections_and_survive_its_replaceme
 
     first, stats, sequential, concurrent, idle, dropped_in_flight, after, stats2 = run(scenario, runtime)
     assert sequential == 1  # six spawns and a stats call on one connection
-    assert 1 < concurrent <= 13 and idle <= 8 and dropped_in_flight == 0
+    assert 1 < concurrent <= 13 and idle <= 4 and dropped_in_flight == 0
     assert stats2["pid"] != stats["pid"] and after["created"] and after["pid"] != first["pid"]
 
 

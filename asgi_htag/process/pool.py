@@ -147,7 +147,7 @@ class ChildConnection:
     idle pool, so it may lead to a process that has since died and been replaced (the
     socket name is the same)."""
 
-    __slots__ = ("key", "_stream", "_frames", "_max", "broken", "reused")
+    __slots__ = ("key", "_stream", "_frames", "_max", "broken", "reused", "generation")
 
     def __init__(self, key: str, stream: "SocketStream | _UnixStream", max_frame_bytes: int) -> None:
         self.key = key
@@ -156,6 +156,7 @@ class ChildConnection:
         self._max = max_frame_bytes
         self.broken = False
         self.reused = False
+        self.generation = 0  # its key's idle generation when it was opened (see ProcessPool.release)
 
     async def send(self, obj: Dict[str, Any], raw: Optional[bytes] = None) -> None:
         """Send a frame (``raw``: bytes relayed untouched). Raises ProcessGone if the
@@ -204,6 +205,9 @@ class ChildConnection:
                 pass
 
 
+_ZYGOTE = "zygote"  # the zygote's key in the idle pool: socket_path(_ZYGOTE) is its socket
+
+
 class ProcessPool:
     """Per web worker: reaches the zygote and the per-session processes of one runtime dir."""
 
@@ -218,17 +222,16 @@ class ProcessPool:
         self._idle_count = 0
         self.max_idle_total = 512
         self._apps = set(config.apps)
-        # connections to the zygote kept for the next request (one request at a time each);
-        # they belong to the zygote of the current presence connection
-        self._zygote_idle: List[ChildConnection] = []
-        self._zygote_generation = 0  # moves when they are dropped: one in flight then is not kept
+        # per key, how many times its idle connections were dropped: a connection opened
+        # before the last drop is not kept afterwards (see release)
+        self._generations: Dict[str, int] = {}
 
     def socket_path(self, key: str) -> str:
         return os.path.join(self._runtime, key + ".s")
 
     # --- zygote -----------------------------------------------------------------------
     async def _zygote_connect(self) -> SocketStream:
-        return await anyio.connect_unix(os.path.join(self._runtime, "zygote.s"))
+        return await anyio.connect_unix(self.socket_path(_ZYGOTE))
 
     async def ensure_zygote(self) -> None:
         """Make sure a zygote serves our runtime dir and that we hold a presence connection
@@ -239,7 +242,7 @@ class ProcessPool:
             if self._presence is not None and await self._presence_alive():
                 return
             self._presence = None
-            await self._drop_zygote_idle()  # they may lead to a zygote on its way out
+            await self.drop_idle(_ZYGOTE)  # they may lead to a zygote on its way out
             try:
                 stream = await self._zygote_connect()
             except OSError:
@@ -256,17 +259,11 @@ class ProcessPool:
                 await self._preload(sorted(self._apps))
 
     async def _drop_presence(self) -> None:
-        await self._drop_zygote_idle()
+        await self.drop_idle(_ZYGOTE)
         if self._presence is not None:
             presence, self._presence = self._presence, None
             with anyio.CancelScope(shield=True):
                 await presence.aclose()
-
-    async def _drop_zygote_idle(self) -> None:
-        self._zygote_generation += 1
-        idle, self._zygote_idle = self._zygote_idle, []
-        for conn in idle:
-            await conn.aclose()
 
     async def _presence_alive(self) -> bool:
         assert self._presence is not None
@@ -318,53 +315,18 @@ class ProcessPool:
             await self.ensure_zygote()
             return await self._zygote_call(msg, timeout=timeout)
 
-    _MAX_IDLE_ZYGOTE_CONNECTIONS = 8
-
-    async def _new_zygote_connection(self) -> ChildConnection:
-        path = os.path.join(self._runtime, "zygote.s")
-        try:
-            stream: "SocketStream | _UnixStream" = (
-                await _UnixStream.connect(path) if _on_asyncio() else await anyio.connect_unix(path)
-            )
-        except OSError as exc:
-            raise ProcessStartError("the fork server is not running") from exc
-        return ChildConnection("zygote", stream, wire.DEFAULT_MAX_FRAME_BYTES)
-
     async def _zygote_call(self, msg: Dict[str, Any], *, timeout: float) -> Dict[str, Any]:
-        """One request/reply with the zygote, on a connection an earlier call left idle when
-        there is one (no connect and accept per page render), else on a new one. An idle
-        connection that turns out broken (the zygote went away since) is dropped with the
-        other idle ones and the request goes once more on a new connection: every request
-        is one the zygote may see twice (spawn answers with the live process, kill names
-        the pid). A connection goes back to the idle list only after a whole reply, and not
-        if the idle ones were dropped meanwhile (it may lead to the zygote they led to)."""
+        """One request/reply with the zygote over the pool's idle connections, as for a
+        session process (:meth:`exchange`): no connect and accept per page render. Every
+        request is one the zygote may see twice (spawn answers with the live process, kill
+        names the pid)."""
         with anyio.fail_after(timeout):
-            generation = self._zygote_generation
-            reused = bool(self._zygote_idle)
-            conn = self._zygote_idle.pop() if reused else await self._new_zygote_connection()
-            done = False
             try:
-                try:
-                    reply = await conn.request(msg)
-                except ProcessGone as exc:
-                    if not reused:
-                        raise ProcessStartError("the fork server closed the connection") from exc
-                    await conn.aclose()
-                    await self._drop_zygote_idle()
-                    generation = self._zygote_generation
-                    conn = await self._new_zygote_connection()
-                    try:
-                        reply = await conn.request(msg)
-                    except ProcessGone as exc2:
-                        raise ProcessStartError("the fork server closed the connection") from exc2
-                done = True
-                return reply
-            finally:
-                keep = done and not conn.broken and generation == self._zygote_generation
-                if keep and len(self._zygote_idle) < self._MAX_IDLE_ZYGOTE_CONNECTIONS:
-                    self._zygote_idle.append(conn)
-                else:
-                    await conn.aclose()  # a reply may still be on its way: never reuse it
+                conn = await self.acquire(_ZYGOTE)
+                reply, _ = await self.exchange(conn, msg)
+            except ProcessGone as exc:
+                raise ProcessStartError("the fork server is not running") from exc
+            return reply
 
     async def spawn(
         self,
@@ -412,7 +374,9 @@ class ProcessPool:
                     stream = await anyio.connect_unix(path)
         except (OSError, TimeoutError) as exc:
             raise ProcessGone(f"no process for {key[:8]}") from exc
-        return ChildConnection(key, stream, self.config.max_frame_bytes)
+        conn = ChildConnection(key, stream, self.config.max_frame_bytes)
+        conn.generation = self._generations.get(key, 0)
+        return conn
 
     async def acquire(self, key: str) -> ChildConnection:
         """A pooled connection (for http requests); give it back with :meth:`release`."""
@@ -459,13 +423,18 @@ class ProcessPool:
                 await conn.aclose()  # a reply may still be on its way: never reuse it
 
     async def release(self, conn: ChildConnection) -> None:
-        if conn.broken or self._idle_count >= self.max_idle_total or len(self._idle.get(conn.key, ())) >= 4:
+        """Keep ``conn`` for the next request to its key, unless it is broken, the pool is
+        full, or the key's idle connections were dropped since it was opened (it was then
+        in flight, and may lead where they led: a process or zygote on its way out)."""
+        stale = conn.generation != self._generations.get(conn.key, 0)
+        if conn.broken or stale or self._idle_count >= self.max_idle_total or len(self._idle.get(conn.key, ())) >= 4:
             await conn.aclose()
             return
         self._idle.setdefault(conn.key, []).append(conn)
         self._idle_count += 1
 
     async def drop_idle(self, key: str) -> None:
+        self._generations[key] = self._generations.get(key, 0) + 1
         for conn in self._idle.pop(key, []):
             self._idle_count -= 1
             await conn.aclose()
@@ -474,7 +443,6 @@ class ProcessPool:
         """Close our connections; the zygote notices our presence is gone."""
         for key in list(self._idle):
             await self.drop_idle(key)
-        await self._drop_zygote_idle()
         if self._presence is not None:
             await self._presence.aclose()
             self._presence = None
