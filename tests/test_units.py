@@ -172,6 +172,10 @@ def test_synced_session_dumps_no_scalar_to_diff_it(monkeypatch):
     for _ in range(5):
         assert s.take_diff() is None
     assert dumped == ["prefs"] * 5  # only the container is re-serialized to be compared
+    dumped.clear()
+    s["prefs"]["dark"] = False
+    assert s.take_diff() == {"set": {"prefs": {"dark": False}}, "del": []}
+    assert dumped == ["prefs"]  # once: the new baseline is the text the diff was found with
     s.sync({"user": "bob", "count": 3})
     assert s.take_diff() is None and s["user"] == "bob" and "prefs" not in s
 

@@ -115,8 +115,10 @@ class SyncedSession(dict):  # type: ignore[type-arg]
             return t, value
         return None, cls._dump(key, value)
 
-    def _diff(self) -> Tuple[Dict[str, Any], List[str]]:
+    def _diff(self) -> Tuple[Dict[str, Any], List[str], Dict[str, Tuple[Optional[type], Any]]]:
+        """``(changed, deleted, the baseline entries of the changed keys)``."""
         changed: Dict[str, Any] = {}
+        snaps: Dict[str, Tuple[Optional[type], Any]] = {}
         baseline = self._baseline
         for k, v in self.items():
             base = baseline.get(k)
@@ -127,18 +129,20 @@ class SyncedSession(dict):  # type: ignore[type-arg]
                     if base[1] == v if t is not float else repr(base[1]) == repr(v):
                         continue
                 changed[k] = v
+                snaps[k] = (t, v)
                 continue
             dumped = self._dump(k, v)
             if dumped == _UNSERIALIZABLE:
                 continue
             if base is None or base[0] is not None or base[1] != dumped:
                 changed[k] = json.loads(dumped)  # a copy: later in-place edits show in the next diff
+                snaps[k] = (None, dumped)
         deleted = [k for k in baseline if k not in self]
-        return changed, deleted
+        return changed, deleted, snaps
 
     def sync(self, snapshot: Dict[str, Any]) -> None:
         """Take the store's view, keeping local changes not yet sent."""
-        changed, deleted = self._diff()
+        changed, deleted, _ = self._diff()
         dict.clear(self)
         dict.update(self, snapshot)
         self._baseline = {k: self._snap(k, v) for k, v in snapshot.items()}
@@ -150,11 +154,10 @@ class SyncedSession(dict):  # type: ignore[type-arg]
         """The changes since the last sync/take, as ``{"set": {...}, "del": [...]}``."""
         if not self and not self._baseline:
             return None
-        changed, deleted = self._diff()
+        changed, deleted, snaps = self._diff()
         if not changed and not deleted:
             return None
-        for k, v in changed.items():
-            self._baseline[k] = self._snap(k, v)
+        self._baseline.update(snaps)
         for k in deleted:
             self._baseline.pop(k, None)
         return {"set": changed, "del": deleted}
