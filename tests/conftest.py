@@ -51,7 +51,8 @@ def pids_in_runtime(runtime_dir: Path) -> List[int]:
 
 
 class Server:
-    """A real server in a subprocess. ``kind`` is "uvicorn" or "gunicorn"."""
+    """A real server in a subprocess. ``kind`` is "uvicorn", "gunicorn" or "hypercorn"
+    (hypercorn's trio worker: the whole ASGI side runs on trio)."""
 
     def __init__(self, target: str, *, kind: str = "uvicorn", loop: str = "asyncio", workers: int = 1,
                  env: Optional[Dict[str, str]] = None, extra: Optional[List[str]] = None) -> None:
@@ -91,6 +92,9 @@ class Server:
             worker = "tests.servers.uvloop_worker.AsyncioWorker" if self.loop == "asyncio" else "tests.servers.uvloop_worker.UvloopWorker"
             return [sys.executable, "-m", "gunicorn", "-w", str(self.workers), "-k", worker,
                     "-b", f"127.0.0.1:{self.port}", "--graceful-timeout", "5", *self.extra, self.target]
+        if self.kind == "hypercorn":
+            return [sys.executable, "-m", "hypercorn", "--worker-class", "trio", "--workers", str(self.workers),
+                    "--bind", f"127.0.0.1:{self.port}", "--graceful-timeout", "5", *self.extra, self.target]
         cmd = [sys.executable, "-m", "uvicorn", self.target, "--host", "127.0.0.1", "--port", str(self.port),
                "--loop", self.loop, "--log-level", "info"]
         if self.workers > 1:
@@ -104,7 +108,10 @@ class Server:
         self._pump_thread = threading.Thread(target=self._pump, daemon=True)
         self._pump_thread.start()
         deadline = time.monotonic() + timeout
-        self.wait_for_log("Application startup complete", count=self.workers, timeout=timeout)
+        # uvicorn and gunicorn's uvicorn workers log the end of the lifespan startup;
+        # hypercorn logs only that it is running, after its lifespan startup
+        ready = "Running on" if self.kind == "hypercorn" else "Application startup complete"
+        self.wait_for_log(ready, count=1 if self.kind == "hypercorn" else self.workers, timeout=timeout)
         # a single uvicorn logs the lifespan startup before it binds its socket: wait until
         # the port really accepts connections
         self._wait_listening(deadline)
@@ -234,10 +241,14 @@ def page(browser):
     context.close()
 
 
-@pytest.fixture(scope="module", params=LOOPS)
+@pytest.fixture(scope="module", params=LOOPS + ["trio"])
 def server(request) -> Iterator[Server]:
-    """The test Runner (tests/servers/runner_app.py) under uvicorn, once per event loop."""
-    s = Server("tests.servers.runner_app:app", loop=request.param).start()
+    """The test Runner (tests/servers/runner_app.py) under uvicorn, once per event loop,
+    and under hypercorn's trio worker."""
+    if request.param == "trio":
+        s = Server("tests.servers.runner_app:app", kind="hypercorn").start()
+    else:
+        s = Server("tests.servers.runner_app:app", loop=request.param).start()
     yield s
     s.stop()
     left = s.wait_no_processes()

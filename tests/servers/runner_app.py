@@ -97,6 +97,12 @@ async def gc_state(request: Request):
     return JSONResponse({"frozen": gc.get_freeze_count(), "tracked": len(gc.get_objects())})
 
 
+async def backend(request: Request):
+    import sniffio
+
+    return PlainTextResponse(sniffio.current_async_library())
+
+
 async def stats(request: Request):
     return JSONResponse(await request.app.engine.pool.stats())
 
@@ -107,3 +113,4 @@ app.add_route("/set", set_value)
 app.add_route("/get", get_value)
 app.add_route("/_stats", stats)
 app.add_route("/_gc", gc_state)
+app.add_route("/_backend", backend)
