@@ -17,6 +17,12 @@ def click(ws, page: Page, name: str) -> dict:
     return recv_json(ws)
 
 
+def test_the_web_side_runs_on_the_backend_the_server_was_started_with(server, new_client):
+    # uvicorn (asyncio or uvloop) runs asyncio; hypercorn's trio worker runs trio, and the
+    # rest of this module then exercises the runner's anyio code paths on trio
+    assert new_client().get("/_backend").text == ("trio" if server.kind == "hypercorn" else "asyncio")
+
+
 def test_websocket_counter_and_reload_reuses_instance(server, new_client):
     c = new_client()
     page = Page(c, "/")
