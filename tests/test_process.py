@@ -590,10 +590,10 @@ def test_unix_stream_delivers_in_order_across_read_pauses_then_reports_the_end(r
             stream = await _UnixStream.connect(path)
             got = bytearray()
             for _ in range(1000):  # bounded: the sender runs ahead until reading pauses
-                if stream._proto.paused:
+                if stream._proto.reading_paused:
                     break
                 await asyncio.sleep(0.01)
-            paused_seen = stream._proto.paused
+            paused_seen = stream._proto.reading_paused
             buffered = len(stream._proto.buf)
             while True:
                 try:
@@ -607,7 +607,7 @@ def test_unix_stream_delivers_in_order_across_read_pauses_then_reports_the_end(r
 
     got, paused_seen, buffered = anyio.run(main)
     assert got == blob
-    assert paused_seen and buffered < len(blob) and len(blob) > 3 * _ReadBuffer._PAUSE_ABOVE
+    assert paused_seen and buffered < len(blob) and len(blob) > 3 * _ReadBuffer.PAUSE_ABOVE
 
 
 def test_child_connection_on_unix_stream_refuses_hostile_frames_and_notices_a_dead_peer(runtime):

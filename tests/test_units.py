@@ -203,8 +203,8 @@ def test_session_process_connection_pauses_reading_while_frames_queue_up():
         peer.data_received(one)
     assert peer.transport.calls == ["pause"]  # above 4 MB queued
     while peer.frames:
-        peer.taken(len(peer.frames.popleft()))
-    assert peer.transport.calls == ["pause", "resume"] and peer.queued == 0
+        peer._release(len(peer.frames.popleft()))
+    assert peer.transport.calls == ["pause", "resume"] and peer.held == 0
 
 
 def test_session_process_connection_refuses_an_oversized_frame_before_buffering_it():

@@ -29,7 +29,6 @@ from . import wire
 
 logger = logging.getLogger(__name__)
 
-_HEADER_SIZE = wire.HEADER_SIZE
 _PAGE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _MAX_PAGE_KEYS = 32
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -350,23 +349,18 @@ class AppHost:
 
     async def serve_peer(self, peer: "_Peer") -> None:
         """Answer one connection's frames in order, until it ends or breaks the protocol."""
-        loop = asyncio.get_running_loop()
         frames = peer.frames
         try:
             while True:
                 while not frames:
                     if peer.eof:
                         return
-                    peer.waiter = loop.create_future()
-                    try:
-                        await peer.waiter
-                    finally:
-                        peer.waiter = None
+                    await peer.readable()
                 payload = frames.popleft()
                 if payload is None:
                     logger.warning("process %s: dropping a connection that broke the protocol: %s", os.getpid(), peer.error)
                     return
-                peer.taken(len(payload))
+                peer._release(len(payload))
                 try:
                     frame, raw = wire.split_payload(payload)
                 except ProtocolError as exc:
@@ -483,66 +477,42 @@ class AppHost:
 class _Peer(wire.FlowProtocol):
     """One connection from a worker. Whole frames are cut from what arrives and queued for
     the connection's one task (:meth:`AppHost.serve_peer`), which answers them in order: no
-    StreamReader, no read call per header and per payload. Also what a subscriber is for
-    pushes: ``write``, ``drain`` and ``close``, as on a StreamWriter."""
-
-    _PAUSE_ABOVE = 4 * 1024 * 1024  # queued bytes above which reading stops until taken
+    StreamReader, no read call per header and per payload. Reading pauses while more than
+    ``PAUSE_ABOVE`` bytes of frames wait (see :class:`wire.FlowProtocol`). Also what a
+    subscriber is for pushes: ``write``, ``drain`` and ``close``, as on a StreamWriter."""
 
     def __init__(self, host: AppHost) -> None:
         super().__init__()
         self.host = host
-        self.transport: Optional[asyncio.Transport] = None
         self.incoming = wire.FrameBuffer(host.max_frame_bytes)
         self.frames: "Deque[Optional[bytes]]" = deque()  # None: the protocol was broken here
         self.error: Optional[ProtocolError] = None
-        self.queued = 0
-        self.waiter: "Optional[asyncio.Future[None]]" = None
-        self.eof = False  # nothing more will arrive
-        self.reading_paused = False
         self.task: "Optional[asyncio.Task[None]]" = None  # held here: the loop keeps tasks only weakly
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        super().connection_made(transport)
         self.task = asyncio.get_running_loop().create_task(self.host.serve_peer(self))
 
     def data_received(self, data: bytes) -> None:
         if self.error is not None:
             return
         self.incoming.feed(data)
+        size = 0
         try:
             payload = self.incoming.next_payload()
             while payload is not None:
                 self.frames.append(payload)
-                self.queued += len(payload)
+                size += len(payload)
                 payload = self.incoming.next_payload()
         except ProtocolError as exc:  # refused before the payload is buffered
             self.error = exc
             self.frames.append(None)
             self.incoming.clear()
-        if self.queued > self._PAUSE_ABOVE and not self.reading_paused and self.transport is not None:
-            self.transport.pause_reading()
-            self.reading_paused = True
-        self._wake()
-
-    def taken(self, size: int) -> None:
-        self.queued -= size
-        if self.reading_paused and self.queued <= self._PAUSE_ABOVE // 2 and self.transport is not None:
-            self.reading_paused = False
-            self.transport.resume_reading()
+        self._hold(size)
 
     def eof_received(self) -> bool:
-        self.eof = True
-        self._wake()
+        super().eof_received()
         return True  # keep the transport open: the frames already queued still get answers
-
-    def connection_lost(self, exc: Optional[Exception]) -> None:
-        self.eof = True
-        self._wake()
-        self._connection_gone()
-
-    def _wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
 
     def write(self, data: bytes) -> None:
         if self.lost or self.transport is None or self.transport.is_closing():

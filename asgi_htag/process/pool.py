@@ -52,41 +52,15 @@ class PoolConfig:
 
 
 class _ReadBuffer(wire.FlowProtocol):
-    """Protocol of :class:`_UnixStream`: keeps what arrives, wakes the one reader."""
-
-    _PAUSE_ABOVE = 4 * 1024 * 1024  # stop reading from a process that outpaces its reader
+    """Protocol of :class:`_UnixStream`: keeps what arrives for the one reader."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.transport: Optional[asyncio.Transport] = None
         self.buf = bytearray()
-        self.eof = False
-        self.paused = False
-        self.waiter: Optional["asyncio.Future[None]"] = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        if len(self.buf) > self._PAUSE_ABOVE and not self.paused and self.transport is not None:
-            self.transport.pause_reading()
-            self.paused = True
-        self._wake()
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        self._wake()
-        return False
-
-    def connection_lost(self, exc: Optional[Exception]) -> None:
-        self.eof = True
-        self._wake()
-        self._connection_gone()
-
-    def _wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
+        self._hold(len(data))
 
 
 class _UnixStream:
@@ -118,16 +92,10 @@ class _UnixStream:
         while not proto.buf:
             if proto.eof:
                 raise anyio.EndOfStream
-            proto.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await proto.waiter
-            finally:
-                proto.waiter = None
+            await proto.readable()
         data = bytes(proto.buf)
         proto.buf.clear()
-        if proto.paused and not proto.eof:
-            proto.paused = False
-            self._transport.resume_reading()
+        proto._release(len(data))
         return data
 
     async def aclose(self) -> None:

@@ -111,25 +111,77 @@ class FrameBuffer:
 
 
 class FlowProtocol(asyncio.Protocol):
-    """The write side of a protocol: ``drain()`` waits while the transport asks us to stop
-    writing; every task waiting there is woken when it may go on, and told
-    (ConnectionResetError) when the connection is gone. Subclasses call
-    :meth:`_connection_gone` from ``connection_lost``."""
+    """Flow control of one connection, both ways: the base of the protocols at both ends
+    of a worker <-> session-process connection.
+
+    Writing: ``drain()`` waits while the transport asks us to stop writing; every task
+    waiting there is woken when it may go on, and told (ConnectionResetError) when the
+    connection is gone. Reading: a subclass's ``data_received`` keeps what arrives and
+    counts it with :meth:`_hold`; reading pauses while more than ``PAUSE_ABOVE`` bytes are
+    held and resumes when the reader, which says what it took with :meth:`_release`, has
+    brought that down to half. The one reading task waits in :meth:`readable`, woken by
+    new data, the end of the stream (``eof``) or the loss of the connection."""
+
+    PAUSE_ABOVE = 4 * 1024 * 1024
 
     def __init__(self) -> None:
+        self.transport: Optional[asyncio.Transport] = None
         self.lost = False
+        self.eof = False  # nothing more will arrive
         self.write_paused = False
+        self.reading_paused = False
+        self.held = 0
         self._drain_waiters: "List[asyncio.Future[None]]" = []
+        self._reader: "Optional[asyncio.Future[None]]" = None
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def eof_received(self) -> Optional[bool]:
+        self.eof = True
+        self._wake_reader()
+        return False
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.eof = True
+        self.lost = True
+        self._wake_reader()
+        self._wake_drainers()
+
+    # --- reading ----------------------------------------------------------------------
+    def _hold(self, size: int) -> None:
+        """``size`` more bytes kept for the reader; wakes it."""
+        self.held += size
+        if self.held > self.PAUSE_ABOVE and not self.reading_paused and self.transport is not None:
+            self.transport.pause_reading()
+            self.reading_paused = True
+        self._wake_reader()
+
+    def _release(self, size: int) -> None:
+        """The reader took ``size`` of the bytes held."""
+        self.held -= size
+        if self.reading_paused and self.held <= self.PAUSE_ABOVE // 2 and self.transport is not None and not self.lost:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    async def readable(self) -> None:
+        """Wait until data arrives or the stream ends (check ``eof`` afterwards)."""
+        self._reader = asyncio.get_running_loop().create_future()
+        try:
+            await self._reader
+        finally:
+            self._reader = None
+
+    def _wake_reader(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            self._reader.set_result(None)
+
+    # --- writing ----------------------------------------------------------------------
     def pause_writing(self) -> None:
         self.write_paused = True
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self._wake_drainers()
-
-    def _connection_gone(self) -> None:
-        self.lost = True
         self._wake_drainers()
 
     def _wake_drainers(self) -> None:
