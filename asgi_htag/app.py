@@ -263,9 +263,8 @@ class Engine:
                 logger.warning("refusing a new process for session %s: pool is full", sid[:6])
                 return 503, _error_page("The server is busy", "Too many users right now. Please try again later.")
             except ProcessStartError as exc:
-                kind = getattr(exc, "kind", "crash")
                 logger.error("cannot start %s for session %s: %s", ref, sid[:6], exc)
-                if kind == "timeout":
+                if exc.kind == "timeout":
                     return 504, _error_page(
                         "The application took too long to start",
                         f"It did not start within {opts.timeout_interaction:g} s. Reload to try again.",

@@ -18,7 +18,13 @@ class FrameTooLarge(ProtocolError):
 
 
 class ProcessStartError(HtagError):
-    """A per-session process (or the fork server) could not be started."""
+    """A per-session process (or the fork server) could not be started. ``kind`` says why:
+    ``"import"`` (the app could not be imported), ``"timeout"`` (it did not start in
+    time) or ``"crash"`` (anything else)."""
+
+    def __init__(self, message: str, kind: str = "crash") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class ProcessGone(HtagError):

@@ -178,8 +178,8 @@ def test_unknown_app_and_slow_creation_are_clear_errors(runtime):
         return missing.value, slow.value, stats
 
     missing, slow, stats = run(scenario, runtime)
-    assert getattr(missing, "kind") == "import" and "DoesNotExist" in str(missing)
-    assert getattr(slow, "kind") == "timeout"
+    assert missing.kind == "import" and "DoesNotExist" in str(missing)
+    assert slow.kind == "timeout"
     assert stats["count"] == 0 and not os.path.exists(runtime / f"{KEY}.s")
 
 
@@ -232,7 +232,7 @@ def test_an_app_first_asked_for_once_the_forker_runs_is_imported_once(runtime, t
     late, again, missing, reply, stats = run(scenario, runtime)
     assert log.read_text().split() == [str(stats["forker"])]
     assert late["pid"] != again["pid"] and 'data-test="version"' in reply["html"] and ">v1<" in reply["html"]
-    assert getattr(missing, "kind") == "import" and "Nope" in str(missing)
+    assert missing.kind == "import" and "Nope" in str(missing)
 
 
 def test_a_late_app_whose_file_changes_gets_a_fresh_fork_server(runtime, tmp_path, monkeypatch):

@@ -241,6 +241,15 @@ def test_interaction_timeout_kills_the_process(server, new_client):
     assert pid is None or fresh.texts.get("pid") != pid
 
 
+def test_an_app_too_slow_to_create_gets_a_clear_504_and_leaves_no_process(server, new_client):
+    c = new_client()
+    before = set(c.get("/_stats").json()["pids"])
+    r = c.get("/slow-init")
+    assert r.status_code == 504 and "took too long to start" in r.text
+    assert set(c.get("/_stats").json()["pids"]) <= before, "the stuck process was killed"
+    assert Page(c, "/").status == 200, "the same session carries on with other apps"
+
+
 def test_inactivity_timeout_ends_the_process(server, new_client):
     c = new_client()
     page = Page(c, "/inactive")

@@ -320,9 +320,7 @@ class ProcessPool:
             return reply
         if reply.get("error") == "full":
             raise PoolFull(reply.get("message", "too many processes"))
-        err = ProcessStartError(reply.get("message") or "the app process could not start")
-        err.kind = reply.get("error", "crash")  # type: ignore[attr-defined]
-        raise err
+        raise ProcessStartError(reply.get("message") or "the app process could not start", str(reply.get("error") or "crash"))
 
     async def kill(self, key: str, pid: Optional[int] = None) -> None:
         await self.zygote_request({"op": "kill", "key": key, "pid": pid})

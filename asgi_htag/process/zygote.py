@@ -394,7 +394,7 @@ class Zygote:
             logger.error("cannot fork a process for %s: %s", key[:8], exc)
             if not isinstance(exc, (ProcessStartError, FrameTooLarge)):
                 self._drop_forker()  # the exchange with it broke off: start afresh
-            if getattr(exc, "kind", None) == "import":
+            if isinstance(exc, ProcessStartError) and exc.kind == "import":
                 reply = {"ok": False, "error": "import", "message": str(exc)}
             else:
                 reply = {"ok": False, "error": "crash", "message": f"cannot start the app process: {exc}"}
@@ -435,9 +435,9 @@ class Zygote:
         if not reply.get("ok") or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
-            err = ProcessStartError(str(reply.get("message") or "the forker did not fork"))
-            err.kind = "import" if reply.get("error") == "import" else "crash"  # type: ignore[attr-defined]
-            raise err
+            raise ProcessStartError(
+                str(reply.get("message") or "the forker did not fork"), "import" if reply.get("error") == "import" else "crash"
+            )
         loaded_from = reply.get("file")
         return int(reply["pid"]), fds[0], loaded_from if isinstance(loaded_from, str) else None
 
