@@ -464,6 +464,7 @@ def test_worker_gc_freeze_and_batch_scheduled_processes_by_default_and_both_can_
             page = Page(c, "/")
             assert page.status == 200
             stats = c.get("/_stats").json()
+            stats["worker"] = int(page.response.headers["x-worker-pid"])  # hypercorn's is not server.proc
             return c.get("/_gc").json(), int(page.texts["pid"]), stats
 
     gc_on, pid, stats = observe(server.url)
@@ -474,7 +475,7 @@ def test_worker_gc_freeze_and_batch_scheduled_processes_by_default_and_both_can_
     assert os.sched_getscheduler(pid) == os.SCHED_BATCH
     assert os.sched_getscheduler(stats["forker"]) == os.SCHED_BATCH
     assert os.sched_getscheduler(stats["pid"]) == os.SCHED_OTHER
-    assert os.sched_getscheduler(server.proc.pid) == os.SCHED_OTHER
+    assert os.sched_getscheduler(stats["worker"]) == os.SCHED_OTHER
 
     srv = make_server(env={"TEST_GC_FREEZE": "0", "TEST_BATCH_SCHEDULING": "0"})
     gc_off, pid, _ = observe(srv.url)
