@@ -63,8 +63,8 @@ class Runner(Starlette):
             session middleware, so ``request.session`` is the apps' session).
         **engine_options: ``state_dir``, ``runtime_dir``, ``secret``, ``store``,
             ``max_processes``, ``max_message_bytes``, ``allowed_origins``,
-            ``process_loop``, ``gc_freeze``, ``process_batch_scheduling``... (see
-            Engine).
+            ``process_loop``, ``gc_freeze``, ``process_batch_scheduling``,
+            ``worker_batch_scheduling``... (see Engine).
     """
 
     def __init__(
@@ -116,7 +116,7 @@ class Runner(Starlette):
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Any) -> AsyncIterator[None]:
         await self.engine.startup(self._refs)
-        self.engine.freeze_startup_objects()
+        self.engine.server_started()
         try:
             yield
         finally:

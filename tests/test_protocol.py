@@ -456,7 +456,7 @@ def test_runner_process_loop_setting_reaches_the_processes(make_server, setting,
         assert Page(c, "/loop").texts["loop"].startswith(expected)
 
 
-def test_worker_gc_freeze_and_batch_scheduled_processes_by_default_and_both_can_be_turned_off(server, make_server):
+def test_worker_gc_freeze_and_batch_scheduling_by_default_and_each_can_be_turned_off(server, make_server):
     import httpx
 
     def observe(url):
@@ -470,14 +470,20 @@ def test_worker_gc_freeze_and_batch_scheduled_processes_by_default_and_both_can_
     gc_on, pid, stats = observe(server.url)
     # the imported world (uvicorn, starlette, htag...) is out of the collector's reach
     assert gc_on["frozen"] > 20000 and gc_on["tracked"] < gc_on["frozen"]
-    # session processes (and the forker they come from) under SCHED_BATCH; the worker and
-    # the fork server keep the default policy
+    # session processes (and the forker they come from) and the web worker that answered
+    # under SCHED_BATCH; the fork server keeps the default policy
     assert os.sched_getscheduler(pid) == os.SCHED_BATCH
     assert os.sched_getscheduler(stats["forker"]) == os.SCHED_BATCH
+    assert os.sched_getscheduler(stats["worker"]) == os.SCHED_BATCH
     assert os.sched_getscheduler(stats["pid"]) == os.SCHED_OTHER
-    assert os.sched_getscheduler(stats["worker"]) == os.SCHED_OTHER
 
     srv = make_server(env={"TEST_GC_FREEZE": "0", "TEST_BATCH_SCHEDULING": "0"})
-    gc_off, pid, _ = observe(srv.url)
+    gc_off, pid, stats = observe(srv.url)
     assert gc_off["frozen"] == 0 and gc_off["tracked"] > 20000
     assert os.sched_getscheduler(pid) == os.SCHED_OTHER
+    assert os.sched_getscheduler(stats["worker"]) == os.SCHED_BATCH  # a setting of its own
+
+    srv = make_server(env={"TEST_WORKER_BATCH_SCHEDULING": "0"})
+    _, pid, stats = observe(srv.url)
+    assert os.sched_getscheduler(stats["worker"]) == os.SCHED_OTHER
+    assert os.sched_getscheduler(pid) == os.SCHED_BATCH

@@ -40,6 +40,7 @@ import time
 import traceback
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..config import use_batch_scheduling
 from ..exceptions import FrameTooLarge, ProcessStartError, ProtocolError
 from . import wire
 
@@ -746,23 +747,7 @@ def _warm_up(runtime_dir: str) -> None:
 
 
 _PROCESS_LOOP = "auto"  # set from the zygote's config: see _run
-_BATCH_SCHEDULING = True  # set from the zygote's config: see _use_batch_scheduling
-
-
-def _use_batch_scheduling() -> None:
-    """Put this process (and what it forks) under SCHED_BATCH: the same share of CPU at the
-    same nice, but a wake-up does not preempt whoever is running. Session processes then
-    do not preempt each other on every click, and the web worker (SCHED_OTHER) still
-    preempts them. Unprivileged, and reversible without privileges; where the platform has
-    no such policy, nothing changes."""
-    setter = getattr(os, "sched_setscheduler", None)
-    policy = getattr(os, "SCHED_BATCH", None)
-    if setter is None or policy is None:
-        return
-    try:
-        setter(0, policy, os.sched_param(0))
-    except OSError as exc:
-        logger.warning("cannot use SCHED_BATCH for the session processes: %s", exc)
+_BATCH_SCHEDULING = True  # set from the zygote's config: the forker and its children under SCHED_BATCH
 
 
 def _run(coro: Any) -> None:
@@ -828,7 +813,9 @@ def _forker_main(sock: socket.socket, client_js: str, apps: Dict[str, type], mai
     if os.getppid() == 1:
         return  # the zygote died before the line above
     if _BATCH_SCHEDULING:
-        _use_batch_scheduling()  # inherited by every process forked from here
+        # inherited by every process forked from here: session processes do not preempt
+        # each other on every click
+        use_batch_scheduling("the session processes")
     signal.signal(signal.SIGCHLD, lambda signum, frame: _reap_children())
     sock.settimeout(None)
     chld = {signal.SIGCHLD}
