@@ -147,15 +147,17 @@ class Engine:
     (more clicks served per second of CPU). Set it False to keep the default policy. Like
     ``process_loop``, it is the setting of the worker that starts the fork server.
 
-    ``worker_batch_scheduling``: once the server has started (as for ``gc_freeze``), the
-    web worker's event loop thread, and the threads it starts later, go under SCHED_BATCH
-    too. Every click wakes the worker twice (the page's message, the process's answer);
-    under the default policy each of those wake-ups preempts the session process that is
-    running on that CPU in the middle of its click. In a benchmark of 10 and 50 sessions
-    clicking at once on 2 cores, it served 8-19% more clicks per second, with the same
-    round trips and the same worst click during bursts of new sessions. The price: on a
-    host whose CPUs are kept busy by other programs, the worker waits for the running one
-    to block or use up its time slice before it answers. Set it False there. Mounted apps
+    ``worker_batch_scheduling`` (off by default): once the server has started (as for
+    ``gc_freeze``), the web worker's event loop thread, and the threads it starts later,
+    go under SCHED_BATCH too. Every click wakes the worker twice (the page's message, the
+    process's answer), and under the default policy each of those wake-ups preempts the
+    session process running on that CPU in the middle of its click. On a host that runs
+    nothing else, that is worth turning on: in a benchmark of 10 and 50 sessions clicking
+    at once on 2 cores it served 8-19% more clicks per second, with the same round trips
+    and the same worst click during bursts of new sessions. Where other programs keep the
+    CPUs busy, it is not: the worker then waits for the running program to block or use
+    up its time slice (with two CPU-bound programs on those 2 cores, one session's median
+    click was 8 ms in two rounds of three, against 0.23-0.26 ms without it). Mounted apps
     leave the host app's process alone."""
 
     def __init__(
@@ -173,7 +175,7 @@ class Engine:
         process_loop: str = "auto",
         gc_freeze: bool = True,
         process_batch_scheduling: bool = True,
-        worker_batch_scheduling: bool = True,
+        worker_batch_scheduling: bool = False,
     ) -> None:
         if max_processes < 1:
             raise ConfigurationError("max_processes must be >= 1")

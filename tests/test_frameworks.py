@@ -1,7 +1,6 @@
 """HtagASGI inside other frameworks: the FastAPI and Quart examples under a real uvicorn,
 checked with the protocol client and in a real Chromium."""
 import json
-import os
 from typing import Iterator
 
 import pytest
@@ -67,13 +66,6 @@ def test_fastapi_own_routes_still_answer_beside_the_mount(fastapi_server, client
     assert redirect.status_code in (301, 307) and redirect.headers["location"].endswith("/ui/")
     assert c.get("/ui/elsewhere").status_code == 404
     assert c.get("/nowhere").status_code == 404
-
-
-def test_fastapi_process_keeps_its_scheduling_policy_under_a_mount(fastapi_server, client_of):
-    # worker_batch_scheduling (like gc_freeze) is for a server asgi_htag owns: a mount
-    # started through ui.startup() leaves the host app's process as it found it
-    assert client_of(fastapi_server).get("/ui/").status_code == 200
-    assert os.sched_getscheduler(fastapi_server.proc.pid) == os.SCHED_OTHER
 
 
 def test_fastapi_route_and_htag_app_read_and_write_one_session(fastapi_server, client_of):

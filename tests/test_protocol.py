@@ -456,34 +456,37 @@ def test_runner_process_loop_setting_reaches_the_processes(make_server, setting,
         assert Page(c, "/loop").texts["loop"].startswith(expected)
 
 
-def test_worker_gc_freeze_and_batch_scheduling_by_default_and_each_can_be_turned_off(server, make_server):
+def test_worker_gc_freeze_and_batch_scheduling_defaults_and_each_setting(server, make_server):
     import httpx
 
-    def observe(url):
+    def observe(url, path="/"):
         with httpx.Client(base_url=url, timeout=30) as c:
-            page = Page(c, "/")
+            page = Page(c, path)
             assert page.status == 200
-            stats = c.get("/_stats").json()
-            stats["worker"] = int(page.response.headers["x-worker-pid"])  # hypercorn's is not server.proc
-            return c.get("/_gc").json(), int(page.texts["pid"]), stats
+            if path != "/":
+                return None, int(page.texts["pid"]), None, None
+            worker = int(page.response.headers["x-worker-pid"])  # hypercorn's is not server.proc
+            return c.get("/_gc").json(), int(page.texts["pid"]), c.get("/_stats").json(), worker
 
-    gc_on, pid, stats = observe(server.url)
+    gc_on, pid, stats, worker = observe(server.url)
     # the imported world (uvicorn, starlette, htag...) is out of the collector's reach
     assert gc_on["frozen"] > 20000 and gc_on["tracked"] < gc_on["frozen"]
-    # session processes (and the forker they come from) and the web worker that answered
-    # under SCHED_BATCH; the fork server keeps the default policy
+    # session processes (and the forker they come from) under SCHED_BATCH; the web worker
+    # and the fork server keep the default policy
     assert os.sched_getscheduler(pid) == os.SCHED_BATCH
     assert os.sched_getscheduler(stats["forker"]) == os.SCHED_BATCH
-    assert os.sched_getscheduler(stats["worker"]) == os.SCHED_BATCH
     assert os.sched_getscheduler(stats["pid"]) == os.SCHED_OTHER
+    assert os.sched_getscheduler(worker) == os.SCHED_OTHER
 
-    srv = make_server(env={"TEST_GC_FREEZE": "0", "TEST_BATCH_SCHEDULING": "0"})
-    gc_off, pid, stats = observe(srv.url)
+    srv = make_server(env={"TEST_GC_FREEZE": "0", "TEST_BATCH_SCHEDULING": "0", "TEST_WORKER_BATCH_SCHEDULING": "1"})
+    gc_off, pid, _, worker = observe(srv.url)
     assert gc_off["frozen"] == 0 and gc_off["tracked"] > 20000
     assert os.sched_getscheduler(pid) == os.SCHED_OTHER
-    assert os.sched_getscheduler(stats["worker"]) == os.SCHED_BATCH  # a setting of its own
+    assert os.sched_getscheduler(worker) == os.SCHED_BATCH
 
-    srv = make_server(env={"TEST_WORKER_BATCH_SCHEDULING": "0"})
-    _, pid, stats = observe(srv.url)
-    assert os.sched_getscheduler(stats["worker"]) == os.SCHED_OTHER
+    # a mount does not own the server: it asks for worker_batch_scheduling, and the host
+    # app's process keeps its policy
+    srv = make_server("tests.servers.mounted:app")
+    _, pid, _, _ = observe(srv.url, "/ui/")
+    assert os.sched_getscheduler(srv.proc.pid) == os.SCHED_OTHER
     assert os.sched_getscheduler(pid) == os.SCHED_BATCH

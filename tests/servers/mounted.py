@@ -16,6 +16,13 @@ async def home(request):
 app = Starlette(
     routes=[
         Route("/", home),
-        Mount("/ui", HtagASGI(apps.Counter, zygote_grace_seconds=float(os.environ.get("TEST_ZYGOTE_GRACE", "1")))),
+        Mount(
+            "/ui",
+            HtagASGI(
+                apps.Counter,
+                zygote_grace_seconds=float(os.environ.get("TEST_ZYGOTE_GRACE", "1")),
+                worker_batch_scheduling=True,  # asked for, and still not applied: a mount has no lifespan
+            ),
+        ),
     ]
 )

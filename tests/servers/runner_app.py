@@ -48,7 +48,7 @@ app = Runner(
     process_loop=os.environ.get("TEST_PROCESS_LOOP", "auto"),
     gc_freeze=os.environ.get("TEST_GC_FREEZE", "1") == "1",
     process_batch_scheduling=os.environ.get("TEST_BATCH_SCHEDULING", "1") == "1",
-    worker_batch_scheduling=os.environ.get("TEST_WORKER_BATCH_SCHEDULING", "1") == "1",
+    worker_batch_scheduling=os.environ.get("TEST_WORKER_BATCH_SCHEDULING", "0") == "1",
     middleware=[Middleware(WorkerPid)],
 )
 
