@@ -136,8 +136,9 @@ def pids_naming(needle: str) -> List[int]:
 class Server:
     """uvicorn serving ``target`` in a subprocess on 127.0.0.1, with its own temp dirs."""
 
-    def __init__(self, name: str, target: str, loop: str, http: str) -> None:
+    def __init__(self, name: str, target: str, loop: str, http: str, env: Optional[Dict[str, str]] = None) -> None:
         self.name = name
+        self.env = dict(env or {})
         self.target = target
         self.loop = loop
         self.http = http
@@ -170,6 +171,7 @@ class Server:
             "PYTHONPATH": str(ROOT),
             "PYTHONUNBUFFERED": "1",
         })
+        env.update(self.env)
         logf = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=logf,
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -991,7 +993,8 @@ def raise_fd_limit() -> Tuple[int, int]:
 async def run(args: argparse.Namespace, P: Dict[str, Any]) -> Dict[str, Any]:
     res: Dict[str, Any] = {"params": {k: list(v) if isinstance(v, tuple) else v for k, v in P.items()},
                            "floors": {}, "asgi_htag": {}, "inprocess": {}, "servers": {}}
-    res["params"].update(loop=args.loop, http=args.http, impls=resolved_impls(args.http), quick=args.quick)
+    res["params"].update(loop=args.loop, http=args.http, impls=resolved_impls(args.http), quick=args.quick,
+                         worker_batch=args.worker_batch)
     servers: List[Server] = []
     scratch = Path(tempfile.mkdtemp(prefix="ahb-", dir="/tmp"))
 
@@ -1014,7 +1017,8 @@ async def run(args: argparse.Namespace, P: Dict[str, Any]) -> Dict[str, Any]:
 
         inproc = Server("inprocess", "bench.inprocess_runner:app", args.loop, args.http)
         servers.append(inproc)
-        asgi = Server("asgi_htag", "bench.server:app", args.loop, args.http)
+        asgi_env = {"BENCH_WORKER_BATCH": "1"} if args.worker_batch else {}
+        asgi = Server("asgi_htag", "bench.server:app", args.loop, args.http, asgi_env)
         servers.append(asgi)
         await inproc.start()
         await asgi.start()
@@ -1061,7 +1065,7 @@ async def run(args: argparse.Namespace, P: Dict[str, Any]) -> Dict[str, Any]:
         stop(inproc)
         stop(asgi)
 
-        asgi2 = Server("asgi_htag-memory", "bench.server:app", args.loop, args.http)
+        asgi2 = Server("asgi_htag-memory", "bench.server:app", args.loop, args.http, asgi_env)
         servers.append(asgi2)
         await asgi2.start()
         log.info("asgi_htag: memory with %s live sessions (fresh server)", "/".join(map(str, P["mem_levels"])))
@@ -1080,6 +1084,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--json", default=str(BENCH / "results" / "latest.json"), help="where to write the results")
     ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop of both servers and the client")
     ap.add_argument("--http", choices=("auto", "h11", "httptools"), default="auto", help="uvicorn HTTP implementation (both servers)")
+    ap.add_argument("--worker-batch", action="store_true",
+                    help="serve asgi_htag with worker_batch_scheduling=True (off by default: see the README's Settings)")
     args = ap.parse_args(argv)
     # progress on stderr from this script's logger only: the root logger stays at WARNING so
     # that htag's and httpx's info logs cost nothing in the measured loops
@@ -1111,7 +1117,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     m = res["meta"]["machine"]
     print()
     print(f"asgi_htag benchmark - {m['cpus']} CPUs ({m['cpu']}), {m['memory']} RAM, Python {m['python']}, "
-          f"--loop {args.loop} ({resolved_impls(args.http)}), {'quick' if args.quick else 'full'} run, asgi_htag {m['git']}")
+          f"--loop {args.loop} ({resolved_impls(args.http)}), {'quick' if args.quick else 'full'} run, asgi_htag {m['git']}"
+          + (", worker_batch_scheduling=True" if args.worker_batch else ""))
     print()
     print_table(rows, ["figure", "asgi_htag", "floor", "x floor", "target", ""])
     print()

@@ -19,6 +19,7 @@ app = Runner(
     Counter,
     max_processes=int(os.environ.get("BENCH_MAX_PROCESSES", "2000")),
     zygote_grace_seconds=2,
+    worker_batch_scheduling=os.environ.get("BENCH_WORKER_BATCH") == "1",  # bench/run.py --worker-batch
 )
 
 
