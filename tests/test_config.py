@@ -14,6 +14,7 @@ from asgi_htag.config import (
     default_runtime_dir,
     ensure_private_dir,
     load_secret,
+    use_batch_scheduling,
 )
 from asgi_htag.exceptions import ConfigurationError
 
@@ -107,3 +108,34 @@ def test_process_loop_uvloop_without_uvloop_is_refused(monkeypatch):
     with pytest.raises(ConfigurationError, match="not installed"):
         check_process_loop("uvloop")
     assert check_process_loop("auto") == "auto"
+
+
+def test_batch_scheduling_applies_to_the_calling_thread_and_reports_refusals(monkeypatch, caplog):
+    import threading
+
+    got = {}
+    before = os.sched_getscheduler(0)
+
+    def in_a_thread():
+        # a thread of its own, so that this test leaves the test process's policy alone
+        got["applied"] = use_batch_scheduling("a test thread")
+        got["policy"] = os.sched_getscheduler(0)
+
+    t = threading.Thread(target=in_a_thread)
+    t.start()
+    t.join()
+    assert got == {"applied": True, "policy": os.SCHED_BATCH}
+    assert os.sched_getscheduler(0) == before
+
+    def refuse(pid, policy, param):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    with caplog.at_level("WARNING", logger="asgi_htag"):
+        assert use_batch_scheduling("the web worker") is False
+    assert "cannot use SCHED_BATCH for the web worker" in caplog.text
+
+    monkeypatch.delattr(os, "SCHED_BATCH")  # a platform without the policy: nothing to say
+    caplog.clear()
+    assert use_batch_scheduling("the web worker") is False
+    assert caplog.text == ""
