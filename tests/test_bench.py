@@ -41,6 +41,7 @@ def test_quick_benchmark_runs_and_loses_nothing(tmp_path):
         for m in r["memory"]:
             assert m["answered"] == m["sessions"], (name, m["sessions"], m.get("failures"))
     assert res["asgi_htag"]["hol_ping"]["bad_answers"] == 0
+    assert res["asgi_htag"]["worker_batch_scheduling"] is False  # the default run measures the defaults
     assert all(m["child_uss_mb_mean"] > 0 for m in res["asgi_htag"]["memory"])
 
     assert set(res["servers"]) == {"inprocess", "asgi_htag", "asgi_htag-memory"}
