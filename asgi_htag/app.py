@@ -29,6 +29,7 @@ import anyio
 
 from ._types import Receive, Scope, Send
 from .config import (
+    LoadScheduling,
     Secret,
     check_process_loop,
     check_runtime_dir,
@@ -147,18 +148,25 @@ class Engine:
     (more clicks served per second of CPU). Set it False to keep the default policy. Like
     ``process_loop``, it is the setting of the worker that starts the fork server.
 
-    ``worker_batch_scheduling`` (off by default): once the server has started (as for
-    ``gc_freeze``), the web worker's event loop thread, and the threads it starts later,
-    go under SCHED_BATCH too. Every click wakes the worker twice (the page's message, the
-    process's answer), and under the default policy each of those wake-ups preempts the
-    session process running on that CPU in the middle of its click. On a host that runs
-    nothing else, that is worth turning on: in a benchmark of 10 and 50 sessions clicking
-    at once on 2 cores it served 8-19% more clicks per second, with the same round trips
-    and the same worst click during bursts of new sessions. Where other programs keep the
-    CPUs busy, it is not: the worker then waits for the running program to block or use
-    up its time slice (with two CPU-bound programs on those 2 cores, one session's median
-    click was 8 ms in two rounds of three, against 0.23-0.26 ms without it). Mounted apps
-    leave the host app's process alone."""
+    ``worker_batch_scheduling``: once the server has started (as for ``gc_freeze``), the
+    policy of the web worker's event loop thread. Every click wakes the worker twice (the
+    page's message, the process's answer), and under the default policy each of those
+    wake-ups preempts the session process running on that CPU in the middle of its click;
+    under SCHED_BATCH the worker waits for it to block or use up its slice.
+
+    * ``"auto"`` (the default): SCHED_BATCH while the worker has at least twice as many
+      interactions in flight as it has CPUs, the default policy again once they are down
+      to one per CPU (:class:`asgi_htag.config.LoadScheduling`). In a benchmark of 50
+      sessions clicking at once on 2 cores it served 10% more clicks per second than the
+      default policy (6 of 6 alternating pairs; 10 sessions: +2%, 4 of 6), and a lone
+      clicking session keeps the worker's quick wake-ups.
+    * ``True``: SCHED_BATCH always, for the loop thread and the threads it starts later.
+      Where other programs keep the CPUs busy, the worker then waits for them at every
+      wake-up (two CPU-bound programs on 2 cores: one session's median click 8 ms in two
+      rounds of three, against 0.23-0.26 ms without it).
+    * ``False``: the default policy always.
+
+    Mounted apps leave the host app's process alone."""
 
     def __init__(
         self,
@@ -175,13 +183,17 @@ class Engine:
         process_loop: str = "auto",
         gc_freeze: bool = True,
         process_batch_scheduling: bool = True,
-        worker_batch_scheduling: bool = False,
+        worker_batch_scheduling: Union[bool, str] = "auto",
     ) -> None:
         if max_processes < 1:
             raise ConfigurationError("max_processes must be >= 1")
         if max_message_bytes < 1024:
             raise ConfigurationError("max_message_bytes must be >= 1024")
         check_process_loop(process_loop)
+        if not isinstance(worker_batch_scheduling, bool) and worker_batch_scheduling != "auto":
+            raise ConfigurationError(
+                f"worker_batch_scheduling must be True, False or 'auto', got {worker_batch_scheduling!r}"
+            )
         self.state_dir = Path(state_dir).absolute() if state_dir else default_state_dir()
         self.runtime_dir = Path(runtime_dir).absolute() if runtime_dir else default_runtime_dir(self.state_dir)
         self._secret_arg = secret
@@ -204,6 +216,8 @@ class Engine:
         self._pool: Optional[ProcessPool] = None
         self.gc_freeze = gc_freeze
         self.worker_batch_scheduling = worker_batch_scheduling
+        # set by server_started() when worker_batch_scheduling == "auto"
+        self.load_scheduling: Optional[LoadScheduling] = None
 
     @property
     def secret(self) -> Secret:
@@ -240,7 +254,11 @@ class Engine:
             gc.collect()
             gc.freeze()
             logger.debug("gc: %s objects frozen after start-up", gc.get_freeze_count())
-        if self.worker_batch_scheduling:
+        if self.worker_batch_scheduling == "auto":
+            load = LoadScheduling()
+            if load.attach():
+                self.load_scheduling = load
+        elif self.worker_batch_scheduling:
             use_batch_scheduling("the web worker")
 
     async def shutdown(self) -> None:
@@ -378,6 +396,9 @@ class Engine:
             await _send_json(send, 200, _GONE)
             return
         meta = {"t": "interact", "token": token, "session": dict(session)}
+        load = self.load_scheduling
+        if load is not None:
+            load.started()
         try:
             # the body goes to the process untouched: it parses and checks it (a process
             # that replaced a dead one answers "gone" to the old page's token)
@@ -388,6 +409,9 @@ class Engine:
         except ProtocolError:
             await _send_json(send, 502, {"asgi_htag": "error", "message": "the app process broke the protocol"})
             return
+        finally:
+            if load is not None:
+                load.finished()
         if reply.get("t") == "gone" or out is None:
             await _send_json(send, 200, _GONE)
             return
@@ -450,6 +474,7 @@ class Engine:
             return
         pending = 0
         pending_since = 0.0
+        load = self.load_scheduling
         clicked = [anyio.Event()]  # set when a click becomes pending (wakes the watchdog)
         try:
             sent_version = store.version()
@@ -501,7 +526,10 @@ class Engine:
                                 await session.apply_changes(diff.get("set") or {}, diff.get("del") or [])
                             t = frame.get("t")
                             if t in ("actions", "error", "hello"):
-                                pending = max(0, pending - 1)
+                                if pending:
+                                    pending -= 1
+                                    if load is not None:
+                                        load.finished()
                                 pending_since = time.monotonic()  # not anyio's clock: no backend lookup per click
                             if t in ("actions", "error", "hello", "push"):
                                 if out is not None:
@@ -546,12 +574,16 @@ class Engine:
                         pending_since = time.monotonic()
                         clicked[0].set()
                     pending += 1
+                    if load is not None:
+                        load.started()
                     try:
                         await conn.send(meta, raw)
                     except ProcessGone:
                         break  # from_process reports it
                 tg.cancel_scope.cancel()
         finally:
+            if pending and load is not None:
+                load.finished(pending)  # answers that will not come to this websocket
             await conn.aclose()
             await ws_close(1000)
 

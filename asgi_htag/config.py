@@ -12,7 +12,8 @@ Every worker of one server computes the same two paths from the same settings, w
 how they find each other's processes.
 
 Also here: :func:`use_batch_scheduling`, the scheduling policy the ``*_batch_scheduling``
-settings put a process under.
+settings put a process under, and :class:`LoadScheduling`, which puts the web worker under
+it only while the worker has many interactions in flight.
 """
 import hashlib
 import logging
@@ -20,6 +21,7 @@ import os
 import secrets
 import stat
 import tempfile
+import threading
 from pathlib import Path
 from typing import Optional, Union
 
@@ -151,6 +153,63 @@ def use_batch_scheduling(what: str) -> bool:
         logger.warning("cannot use SCHED_BATCH for %s: %s", what, exc)
         return False
     return True
+
+
+class LoadScheduling:
+    """SCHED_BATCH for one thread (the web worker's event loop) while it has many
+    interactions in flight, the default policy otherwise.
+
+    Under load each click wakes the worker twice, and under the default policy each of
+    those wake-ups preempts the session process running on that CPU in the middle of its
+    click; under SCHED_BATCH the worker waits for it to block or use up its slice. With
+    few interactions in flight the CPUs have room and the worker keeps its quick wake-ups
+    (a SCHED_BATCH worker beside CPU-bound programs would wait for them at every wake-up).
+
+    ``high`` interactions in flight (default: twice the CPUs this process may use) switch
+    to SCHED_BATCH, ``low`` or fewer (default: the CPUs) back. Called from the event loop
+    only: :meth:`started` when an interaction is sent to a session process,
+    :meth:`finished` when its answer is back (or will never come).
+    """
+
+    def __init__(self, high: Optional[int] = None, low: Optional[int] = None) -> None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.high = high if high is not None else 2 * cpus
+        self.low = low if low is not None else cpus
+        if not 0 <= self.low < self.high:
+            raise ConfigurationError(f"LoadScheduling needs 0 <= low < high, got low={self.low}, high={self.high}")
+        self.inflight = 0
+        self.batch = False
+        self.switches = 0
+        self._tid: Optional[int] = None
+
+    def attach(self) -> bool:
+        """Follow the calling thread from now on. False where the platform has no
+        SCHED_BATCH (nothing will change then)."""
+        if getattr(os, "sched_setscheduler", None) is None or getattr(os, "SCHED_BATCH", None) is None:
+            return False
+        self._tid = threading.get_native_id()
+        return True
+
+    def started(self) -> None:
+        self.inflight += 1
+        if not self.batch and self.inflight >= self.high and self._tid is not None:
+            self._set(True)
+
+    def finished(self, count: int = 1) -> None:
+        self.inflight = max(0, self.inflight - count)
+        if self.batch and self.inflight <= self.low:
+            self._set(False)
+
+    def _set(self, batch: bool) -> None:
+        assert self._tid is not None
+        try:
+            os.sched_setscheduler(self._tid, os.SCHED_BATCH if batch else os.SCHED_OTHER, os.sched_param(0))
+        except OSError as exc:  # a thread that is gone, a seccomp filter...: stop trying
+            logger.warning("cannot switch the web worker's scheduling policy; keeping the current one: %s", exc)
+            self._tid = None
+            return
+        self.batch = batch
+        self.switches += 1
 
 
 def load_secret(state_dir: PathLike, secret: Optional[Union[str, bytes, Secret]] = None) -> Secret:

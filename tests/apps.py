@@ -207,6 +207,23 @@ class Lingerer(Tag.body):
         self <= Tag.span(str(os.getpid()), _data_test="pid")
 
 
+class Holder(Tag.body):
+    """Each click holds the process for as long as the page's query asks (``/holder?1.5``,
+    at most 10 s): interactions that stay in flight for a known while."""
+
+    def init(self, seconds="1"):
+        self.seconds = min(float(seconds), 10.0)
+        self <= Tag.button("hold", _onclick=self.bind.hold(), _data_test="hold")
+        self.done = Tag.span("0", _data_test="done")
+        self <= self.done
+        self.count = 0
+
+    def hold(self):
+        time.sleep(self.seconds)
+        self.count += 1
+        self.done.clear(str(self.count))
+
+
 class Napper(Tag.body):
     """An interaction that takes a moment (well under any timeout): concurrent clicks
     keep several connections to the process busy at once."""

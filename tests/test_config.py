@@ -13,6 +13,7 @@ from asgi_htag.config import (
     check_runtime_dir,
     default_runtime_dir,
     ensure_private_dir,
+    LoadScheduling,
     load_secret,
     use_batch_scheduling,
 )
@@ -103,6 +104,17 @@ def test_process_loop_other_values_are_refused_at_construction(tmp_path, name):
         HtagASGI(Counter, state_dir=tmp_path, process_loop=name)
 
 
+@pytest.mark.parametrize("value", ["", "on", "AUTO", None, 1, 0])
+def test_worker_batch_scheduling_other_values_are_refused_at_construction(tmp_path, value):
+    from asgi_htag import HtagASGI, Runner
+    from tests.apps import Counter
+
+    with pytest.raises(ConfigurationError, match="worker_batch_scheduling must be True, False or 'auto'"):
+        Runner(Counter, state_dir=tmp_path, worker_batch_scheduling=value)
+    with pytest.raises(ConfigurationError, match="worker_batch_scheduling"):
+        HtagASGI(Counter, state_dir=tmp_path, worker_batch_scheduling=value)
+
+
 def test_process_loop_uvloop_without_uvloop_is_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "uvloop", None)  # what an environment without it sees
     with pytest.raises(ConfigurationError, match="not installed"):
@@ -139,3 +151,71 @@ def test_batch_scheduling_applies_to_the_calling_thread_and_reports_refusals(mon
     caplog.clear()
     assert use_batch_scheduling("the web worker") is False
     assert caplog.text == ""
+
+
+def test_load_scheduling_switches_its_thread_with_hysteresis_and_never_counts_below_zero():
+    import threading
+
+    seen = {}
+    done = threading.Event()
+    go = threading.Event()
+
+    def loop_thread():  # stands for the worker's event loop thread
+        load = LoadScheduling(high=3, low=1)
+        seen["attached"] = load.attach()
+        seen["load"] = load
+        seen["tid"] = threading.get_native_id()
+        go.set()
+        done.wait(10)
+
+    t = threading.Thread(target=loop_thread)
+    t.start()
+    go.wait(10)
+    load, tid = seen["load"], seen["tid"]
+    assert seen["attached"] is True
+    steps = []
+    for op in ("s", "s", "s", "f", "s", "f", "f", "f", "f", "f", "s", "s"):
+        load.started() if op == "s" else load.finished()
+        steps.append((load.inflight, os.sched_getscheduler(tid)))
+    B, O = os.SCHED_BATCH, os.SCHED_OTHER
+    assert steps == [
+        (1, O), (2, O), (3, B),  # at high: batch
+        (2, B), (3, B), (2, B),  # between low and high: stays as it is
+        (1, O),                  # at low: back
+        (0, O), (0, O), (0, O),  # more answers than clicks (a page gone): not below zero
+        (1, O), (2, O),
+    ]
+    load.started()
+    load.finished(3)  # a websocket that closes with three clicks in flight
+    assert (load.inflight, os.sched_getscheduler(tid), load.switches) == (0, O, 4)
+    assert os.sched_getscheduler(0) == O  # the thread that called is not the one switched
+    done.set()
+    t.join()
+
+
+def test_load_scheduling_defaults_refusals_and_platforms_without_the_policy(monkeypatch, caplog):
+    cpus = len(os.sched_getaffinity(0))
+    load = LoadScheduling()
+    assert (load.high, load.low) == (2 * cpus, cpus)
+    for high, low in ((2, 2), (1, 3), (3, -1)):
+        with pytest.raises(ConfigurationError, match="0 <= low < high"):
+            LoadScheduling(high=high, low=low)
+
+    def refuse(pid, policy, param):
+        raise PermissionError(1, "Operation not permitted")
+
+    load = LoadScheduling(high=1, low=0)
+    assert load.attach()
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    with caplog.at_level("WARNING", logger="asgi_htag"):
+        load.started()
+        load.finished()
+        load.started()
+    assert caplog.text.count("cannot switch the web worker's scheduling policy") == 1  # said once, then no more tries
+    assert (load.batch, load.switches, load.inflight) == (False, 0, 1)
+
+    monkeypatch.delattr(os, "SCHED_BATCH")
+    load = LoadScheduling(high=1, low=0)
+    assert load.attach() is False
+    load.started()
+    assert (load.inflight, load.batch) == (1, False)  # counted, nothing switched

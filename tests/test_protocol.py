@@ -490,3 +490,62 @@ def test_worker_gc_freeze_and_batch_scheduling_defaults_and_each_setting(server,
     _, pid, _, _ = observe(srv.url, "/ui/")
     assert os.sched_getscheduler(srv.proc.pid) == os.SCHED_OTHER
     assert os.sched_getscheduler(pid) == os.SCHED_BATCH
+
+
+def test_worker_batch_scheduling_auto_follows_the_interactions_in_flight(make_server):
+    """The default, "auto": the worker's loop thread goes under SCHED_BATCH once twice as
+    many interactions as it has CPUs are in flight (websocket clicks and http_only POSTs
+    alike), and back under the default policy once they are answered, or once the pages
+    that sent them have gone."""
+    import contextlib
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    srv = make_server()
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        worker = int(c.get("/_stats").headers["x-worker-pid"])  # uvicorn's loop runs in its main thread
+    high = 2 * len(os.sched_getaffinity(worker))
+
+    def policy():
+        return os.sched_getscheduler(worker)
+
+    def becomes(expected, within=20.0):
+        deadline = time.monotonic() + within
+        while policy() != expected:
+            assert time.monotonic() < deadline, f"the worker's policy stayed {policy()}, not {expected}"
+            time.sleep(0.02)
+
+    clients = [httpx.Client(base_url=srv.url, timeout=30) for _ in range(high)]
+    try:
+        pages = [Page(c, "/holder?3") for c in clients]
+        assert policy() == os.SCHED_OTHER  # at rest
+        with contextlib.ExitStack() as stack:
+            sockets = [stack.enter_context(p.ws()) for p in pages]
+            for ws, page in zip(sockets[:-1], pages):  # one short of the threshold
+                ws.send(json.dumps(page.call("hold")))
+            time.sleep(0.5)  # the clicks reach their processes, which hold them for 3 s
+            assert policy() == os.SCHED_OTHER
+            sockets[-1].send(json.dumps(pages[-1].call("hold")))
+            becomes(os.SCHED_BATCH)
+            answers = [texts_of(recv_json(ws, timeout=30))["done"] for ws in sockets]
+            assert answers == ["1"] * high
+            becomes(os.SCHED_OTHER)
+
+            # clicks in flight whose pages go away: their answers will never come back
+            for ws, page in zip(sockets, pages):
+                ws.send(json.dumps(page.call("hold")))
+            becomes(os.SCHED_BATCH)
+        becomes(os.SCHED_OTHER)  # the websockets are closed
+
+        # http_only POSTs count the same
+        http_pages = [Page(c, "/holder-http?2") for c in clients]
+        with ThreadPoolExecutor(high) as ex:
+            replies = [ex.submit(p.post, p.call("hold")) for p in http_pages]
+            becomes(os.SCHED_BATCH)
+            assert [texts_of(r.result().json())["done"] for r in replies] == ["1"] * high
+        becomes(os.SCHED_OTHER)
+    finally:
+        for c in clients:
+            c.close()

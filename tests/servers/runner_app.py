@@ -39,6 +39,12 @@ def _store():
     return RedisStore(url)
 
 
+# unset: the Engine's default ("auto")
+_WORKER_BATCH = {"1": True, "0": False, "auto": "auto"}
+_options = {}
+if os.environ.get("TEST_WORKER_BATCH_SCHEDULING"):
+    _options["worker_batch_scheduling"] = _WORKER_BATCH[os.environ["TEST_WORKER_BATCH_SCHEDULING"]]
+
 app = Runner(
     apps.Counter,
     store=_store(),
@@ -48,8 +54,8 @@ app = Runner(
     process_loop=os.environ.get("TEST_PROCESS_LOOP", "auto"),
     gc_freeze=os.environ.get("TEST_GC_FREEZE", "1") == "1",
     process_batch_scheduling=os.environ.get("TEST_BATCH_SCHEDULING", "1") == "1",
-    worker_batch_scheduling=os.environ.get("TEST_WORKER_BATCH_SCHEDULING", "0") == "1",
     middleware=[Middleware(WorkerPid)],
+    **_options,
 )
 
 
@@ -79,6 +85,8 @@ PAGES = {
     "/quitter": page_of(apps.Quitter),
     "/loop": page_of(apps.LoopName),
     "/napper-http": page_of(apps.Napper, http_only=True),
+    "/holder": page_of(apps.Holder),
+    "/holder-http": page_of(apps.Holder, http_only=True),
     "/inactive": page_of(apps.Counter, timeout_inactivity=1),
     "/inactive-ticker": page_of(apps.Ticker, timeout_inactivity=1),
 }
