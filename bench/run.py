@@ -1017,31 +1017,49 @@ async def run(args: argparse.Namespace, P: Dict[str, Any]) -> Dict[str, Any]:
 
         inproc = Server("inprocess", "bench.inprocess_runner:app", args.loop, args.http)
         servers.append(inproc)
-        asgi_env = {"BENCH_WORKER_BATCH": "1"} if args.worker_batch else {}
+        asgi_env = {"BENCH_WORKER_BATCH": args.worker_batch} if args.worker_batch else {}
         asgi = Server("asgi_htag", "bench.server:app", args.loop, args.http, asgi_env)
         servers.append(asgi)
         await inproc.start()
         await asgi.start()
-        # observed, not assumed from --worker-batch: what the table's header says it measured
-        res["asgi_htag"]["worker_batch_scheduling"] = os.sched_getscheduler(asgi.pid) == os.SCHED_BATCH
+
+        async def asgi_stats() -> Dict[str, Any]:
+            async with httpx.AsyncClient(base_url=asgi.url, timeout=30) as c:
+                return (await c.get("/_stats")).json()  # type: ignore[no-any-return]
+
+        # as the server has it, not as --worker-batch asked: what the table's header says
+        # it measured; and the policy seen from outside, at rest
+        st = await asgi_stats()
+        res["asgi_htag"]["worker_batch_scheduling"] = st["worker_batch_scheduling"]
+        res["asgi_htag"]["worker_batch_at_rest"] = os.sched_getscheduler(asgi.pid) == os.SCHED_BATCH
+        # how many times "auto" switched the worker's policy, per phase
+        switches: Dict[str, int] = {}
+        seen = [st["worker_policy_switches"]]
+
+        async def count_switches(phase: str) -> None:
+            now = (await asgi_stats())["worker_policy_switches"]
+            switches[phase] = now - seen[0]
+            seen[0] = now
+
+        res["asgi_htag"]["worker_policy_switches"] = switches
 
         async def inproc_pids() -> List[int]:
             return [inproc.pid]
 
         async def asgi_pids() -> List[int]:
-            async with httpx.AsyncClient(base_url=asgi.url, timeout=30) as c:
-                st = (await c.get("/_stats")).json()
-            return [asgi.pid] + list(st["pids"])
+            return [asgi.pid] + list((await asgi_stats())["pids"])
 
         for name, server in (("inprocess", inproc), ("asgi_htag", asgi)):
             log.info("%s: cold and warm renders", name)
             res[name]["renders"] = await renders(server, P["cold"], P["warmup_renders"])
+        await count_switches("renders")
 
         for kind, warmup, n in (("ws", P["ws_warmup"], P["ws_clicks"]), ("http", P["http_warmup"], P["posts"])):
             log.info("%s round trips, both servers in %d alternating blocks", kind, P["rt_rounds"])
             got = await round_trips([inproc, asgi], kind, warmup, n, P["rt_rounds"])
             for name in ("inprocess", "asgi_htag"):
                 res[name][kind] = got[name]
+            await count_switches(kind)
 
         for name, server in (("inprocess", inproc), ("asgi_htag", asgi)):
             R = res[name]
@@ -1051,6 +1069,7 @@ async def run(args: argparse.Namespace, P: Dict[str, Any]) -> Dict[str, Any]:
                 log.info("%s: head-of-line blocking, the same burst at a do-nothing route", name)
                 R["hol_ping"] = await head_of_line(server, P["hol_rounds"], P["hol_burst"], P["hol_baseline"], "/_ping")
             R["throughput"] = []
+        await count_switches("hol")
 
         for n in P["tp_levels"]:
             log.info("throughput with %d sessions, both servers in %d alternating windows", n, P["tp_rounds"])
@@ -1058,9 +1077,9 @@ async def run(args: argparse.Namespace, P: Dict[str, Any]) -> Dict[str, Any]:
                                    {"inprocess": inproc_pids, "asgi_htag": asgi_pids})
             for name in ("inprocess", "asgi_htag"):
                 res[name]["throughput"].append(got[name])
+            await count_switches(f"throughput_{n}")
 
-        async with httpx.AsyncClient(base_url=asgi.url, timeout=30) as c:
-            res["asgi_htag"]["processes_after_phases"] = (await c.get("/_stats")).json()["count"]
+        res["asgi_htag"]["processes_after_phases"] = (await asgi_stats())["count"]
 
         log.info("inprocess: memory with %s live sessions", "/".join(map(str, P["mem_levels"])))
         res["inprocess"]["memory"] = await memory_inproc(inproc, P["mem_levels"])
@@ -1086,8 +1105,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--json", default=str(BENCH / "results" / "latest.json"), help="where to write the results")
     ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop of both servers and the client")
     ap.add_argument("--http", choices=("auto", "h11", "httptools"), default="auto", help="uvicorn HTTP implementation (both servers)")
-    ap.add_argument("--worker-batch", action="store_true",
-                    help="serve asgi_htag with worker_batch_scheduling=True (off by default: see the README's Settings)")
+    ap.add_argument("--worker-batch", choices=("on", "off", "auto"),
+                    help="serve asgi_htag with worker_batch_scheduling=True, False or \"auto\" "
+                         "(default: the Engine's default, \"auto\"; see the README's Settings)")
     args = ap.parse_args(argv)
     # progress on stderr from this script's logger only: the root logger stays at WARNING so
     # that htag's and httpx's info logs cost nothing in the measured loops
@@ -1120,7 +1140,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
     print(f"asgi_htag benchmark - {m['cpus']} CPUs ({m['cpu']}), {m['memory']} RAM, Python {m['python']}, "
           f"--loop {args.loop} ({resolved_impls(args.http)}), {'quick' if args.quick else 'full'} run, asgi_htag {m['git']}"
-          + (", worker_batch_scheduling=True" if res["asgi_htag"]["worker_batch_scheduling"] else ""))
+          + f", worker_batch_scheduling={res['asgi_htag']['worker_batch_scheduling']!r}")
     print()
     print_table(rows, ["figure", "asgi_htag", "floor", "x floor", "target", ""])
     print()
