@@ -154,17 +154,18 @@ class Engine:
     wake-ups preempts the session process running on that CPU in the middle of its click;
     under SCHED_BATCH the worker waits for it to block or use up its slice.
 
-    * ``"auto"`` (the default): SCHED_BATCH while the worker has at least twice as many
-      interactions in flight as it has CPUs, the default policy again once they are down
-      to one per CPU (:class:`asgi_htag.config.LoadScheduling`). In a benchmark of 50
-      sessions clicking at once on 2 cores it served 10% more clicks per second than the
-      default policy (6 of 6 alternating pairs; 10 sessions: +2%, 4 of 6), and a lone
-      clicking session keeps the worker's quick wake-ups.
+    * ``False`` (the default): the default policy always.
+    * ``"auto"``: SCHED_BATCH while the worker has at least twice as many interactions in
+      flight as it has CPUs, the default policy again once they are down to one per CPU,
+      and for 10 s whenever, batched, it waits more than 300 us for a CPU per time slice
+      (:class:`asgi_htag.config.LoadScheduling`). For a host that runs nothing else: in a
+      benchmark on 2 cores, 50 sessions clicking at once got 7-10% more clicks per second
+      than with the default policy, 10 sessions 2-4%, and one session the same quick
+      wake-ups; with two CPU-bound programs beside the server, 50 sessions got 10% fewer.
     * ``True``: SCHED_BATCH always, for the loop thread and the threads it starts later.
       Where other programs keep the CPUs busy, the worker then waits for them at every
       wake-up (two CPU-bound programs on 2 cores: one session's median click 8 ms in two
       rounds of three, against 0.23-0.26 ms without it).
-    * ``False``: the default policy always.
 
     Mounted apps leave the host app's process alone."""
 
@@ -183,7 +184,7 @@ class Engine:
         process_loop: str = "auto",
         gc_freeze: bool = True,
         process_batch_scheduling: bool = True,
-        worker_batch_scheduling: Union[bool, str] = "auto",
+        worker_batch_scheduling: Union[bool, str] = False,
     ) -> None:
         if max_processes < 1:
             raise ConfigurationError("max_processes must be >= 1")

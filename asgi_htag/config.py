@@ -22,8 +22,9 @@ import secrets
 import stat
 import tempfile
 import threading
+import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 from .exceptions import ConfigurationError
 
@@ -157,30 +158,51 @@ def use_batch_scheduling(what: str) -> bool:
 
 class LoadScheduling:
     """SCHED_BATCH for one thread (the web worker's event loop) while it has many
-    interactions in flight, the default policy otherwise.
+    interactions in flight and it pays, the default policy otherwise.
 
     Under load each click wakes the worker twice, and under the default policy each of
     those wake-ups preempts the session process running on that CPU in the middle of its
     click; under SCHED_BATCH the worker waits for it to block or use up its slice. With
-    few interactions in flight the CPUs have room and the worker keeps its quick wake-ups
-    (a SCHED_BATCH worker beside CPU-bound programs would wait for them at every wake-up).
+    few interactions in flight the CPUs have room and the worker keeps its quick wake-ups.
 
     ``high`` interactions in flight (default: twice the CPUs this process may use) switch
-    to SCHED_BATCH, ``low`` or fewer (default: the CPUs) back. Called from the event loop
-    only: :meth:`started` when an interaction is sent to a session process,
-    :meth:`finished` when its answer is back (or will never come).
+    to SCHED_BATCH, ``low`` or fewer (default: the CPUs) back. While batched, the thread's
+    average wait for a CPU per time slice (``/proc/.../schedstat``) is checked every
+    ``check_seconds``: above ``max_wait_seconds`` something other than a click's worth of
+    session work keeps the CPUs (CPU-bound programs beside the server, or a session
+    computing for long), and waiting for it at every wake-up costs more than preempting
+    it, so the thread goes back to the default policy for ``backoff_seconds``.
+
+    Called from the event loop only: :meth:`started` when an interaction is sent to a
+    session process, :meth:`finished` when its answer is back (or will never come).
     """
 
-    def __init__(self, high: Optional[int] = None, low: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        high: Optional[int] = None,
+        low: Optional[int] = None,
+        *,
+        max_wait_seconds: float = 300e-6,
+        check_seconds: float = 0.25,
+        backoff_seconds: float = 10.0,
+    ) -> None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.high = high if high is not None else 2 * cpus
         self.low = low if low is not None else cpus
         if not 0 <= self.low < self.high:
             raise ConfigurationError(f"LoadScheduling needs 0 <= low < high, got low={self.low}, high={self.high}")
+        self.max_wait_ns = max_wait_seconds * 1e9
+        self.check_seconds = check_seconds
+        self.backoff_seconds = backoff_seconds
         self.inflight = 0
         self.batch = False
         self.switches = 0
+        self.backoffs = 0
         self._tid: Optional[int] = None
+        self._next_check = 0.0
+        self._hold_until = 0.0
+        self._waited = self._slices = 0  # batched stretches since the last check
+        self._stint = (0, 0)  # schedstat when the current batched stretch began
 
     def attach(self) -> bool:
         """Follow the calling thread from now on. False where the platform has no
@@ -192,24 +214,68 @@ class LoadScheduling:
 
     def started(self) -> None:
         self.inflight += 1
-        if not self.batch and self.inflight >= self.high and self._tid is not None:
-            self._set(True)
+        if self.batch:
+            now = time.monotonic()
+            if now >= self._next_check:
+                self._check(now)
+        elif self.inflight >= self.high and self._tid is not None:
+            now = time.monotonic()
+            if now >= self._hold_until and self._set(True):
+                self._stint = self.schedstat()
+                if not self._next_check:  # the first time; later, an overdue check comes at the next click
+                    self._next_check = now + self.check_seconds
 
     def finished(self, count: int = 1) -> None:
         self.inflight = max(0, self.inflight - count)
-        if self.batch and self.inflight <= self.low:
-            self._set(False)
+        if self.batch and self.inflight <= self.low and self._set(False):
+            self._end_stint()
 
-    def _set(self, batch: bool) -> None:
-        assert self._tid is not None
+    def schedstat(self) -> Tuple[int, int]:
+        """``(ns spent waiting for a CPU, time slices)`` of the followed thread so far;
+        ``(0, 0)`` where the kernel does not tell."""
+        try:
+            with open(f"/proc/self/task/{self._tid}/schedstat", "rb") as f:
+                fields = f.read().split()
+            return int(fields[1]), int(fields[2])
+        except (OSError, ValueError, IndexError):
+            return 0, 0
+
+    def _end_stint(self) -> None:
+        """Add the current batched stretch to the waits being averaged."""
+        waited, slices = self.schedstat()
+        self._waited += waited - self._stint[0]
+        self._slices += slices - self._stint[1]
+        self._stint = (waited, slices)
+
+    def _check(self, now: float) -> None:
+        """Batched stretches since the last check (under load the policy may go back and
+        forth many times in between): back off if they waited too long per slice."""
+        self._next_check = now + self.check_seconds
+        self._end_stint()
+        waited, slices = self._waited, self._slices
+        self._waited = self._slices = 0
+        if slices and waited / slices > self.max_wait_ns:
+            logger.debug(
+                "the web worker waited %.0f us per time slice under SCHED_BATCH: back to the default policy for %gs",
+                waited / slices / 1e3,
+                self.backoff_seconds,
+            )
+            if self._set(False):
+                self.backoffs += 1
+                self._hold_until = now + self.backoff_seconds
+
+    def _set(self, batch: bool) -> bool:
+        if self._tid is None:  # given up after a refusal
+            return False
         try:
             os.sched_setscheduler(self._tid, os.SCHED_BATCH if batch else os.SCHED_OTHER, os.sched_param(0))
         except OSError as exc:  # a thread that is gone, a seccomp filter...: stop trying
             logger.warning("cannot switch the web worker's scheduling policy; keeping the current one: %s", exc)
             self._tid = None
-            return
+            return False
         self.batch = batch
         self.switches += 1
+        return True
 
 
 def load_secret(state_dir: PathLike, secret: Optional[Union[str, bytes, Secret]] = None) -> Secret:

@@ -1037,9 +1037,10 @@ async def run(args: argparse.Namespace, P: Dict[str, Any]) -> Dict[str, Any]:
         seen = [st["worker_policy_switches"]]
 
         async def count_switches(phase: str) -> None:
-            now = (await asgi_stats())["worker_policy_switches"]
-            switches[phase] = now - seen[0]
-            seen[0] = now
+            st = await asgi_stats()
+            switches[phase] = st["worker_policy_switches"] - seen[0]
+            seen[0] = st["worker_policy_switches"]
+            res["asgi_htag"]["worker_policy_backoffs"] = st["worker_policy_backoffs"]
 
         res["asgi_htag"]["worker_policy_switches"] = switches
 
@@ -1107,7 +1108,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--http", choices=("auto", "h11", "httptools"), default="auto", help="uvicorn HTTP implementation (both servers)")
     ap.add_argument("--worker-batch", choices=("on", "off", "auto"),
                     help="serve asgi_htag with worker_batch_scheduling=True, False or \"auto\" "
-                         "(default: the Engine's default, \"auto\"; see the README's Settings)")
+                         "(default: the Engine's default, False; see the README's Settings)")
     args = ap.parse_args(argv)
     # progress on stderr from this script's logger only: the root logger stays at WARNING so
     # that htag's and httpx's info logs cost nothing in the measured loops

@@ -6,7 +6,7 @@ Run with the repository root on PYTHONPATH:
 Routes: ``/`` the Counter over a websocket, ``/http`` the same Counter in http_only mode,
 ``/_stats`` the fork server's view (its pid and its children's pids) with the worker's
 ``worker_batch_scheduling`` (as configured) and how many times "auto" switched the
-worker's policy, ``/_ping`` a route that does nothing (the head-of-line measurement's
+worker's policy (and backed off), ``/_ping`` a route that does nothing (the head-of-line measurement's
 reference burst).
 """
 import os
@@ -40,6 +40,7 @@ async def stats(request: Request) -> Response:
     load = engine.load_scheduling
     out["worker_batch_scheduling"] = engine.worker_batch_scheduling  # as configured
     out["worker_policy_switches"] = load.switches if load is not None else 0
+    out["worker_policy_backoffs"] = load.backoffs if load is not None else 0
     return JSONResponse(out)
 
 

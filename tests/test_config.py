@@ -1,8 +1,10 @@
 """State and runtime directories, and the shared signing secret."""
+import contextlib
 import os
 import stat
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -153,26 +155,38 @@ def test_batch_scheduling_applies_to_the_calling_thread_and_reports_refusals(mon
     assert caplog.text == ""
 
 
-def test_load_scheduling_switches_its_thread_with_hysteresis_and_never_counts_below_zero():
-    import threading
+@contextlib.contextmanager
+def _followed_thread(load):
+    """A thread that stands for the worker's event loop: ``load`` attached to it while it
+    lives. Yields (whether attach() succeeded, the thread's id); the test process's own
+    policy is left alone."""
+    box = {}
+    ready, done = threading.Event(), threading.Event()
 
-    seen = {}
-    done = threading.Event()
-    go = threading.Event()
+    def run():
+        box["attached"] = load.attach()
+        box["tid"] = threading.get_native_id()
+        ready.set()
+        done.wait(30)
 
-    def loop_thread():  # stands for the worker's event loop thread
-        load = LoadScheduling(high=3, low=1)
-        seen["attached"] = load.attach()
-        seen["load"] = load
-        seen["tid"] = threading.get_native_id()
-        go.set()
-        done.wait(10)
-
-    t = threading.Thread(target=loop_thread)
+    t = threading.Thread(target=run)
     t.start()
-    go.wait(10)
-    load, tid = seen["load"], seen["tid"]
-    assert seen["attached"] is True
+    ready.wait(30)
+    try:
+        yield box["attached"], box["tid"]
+    finally:
+        done.set()
+        t.join()
+
+
+def test_load_scheduling_switches_its_thread_with_hysteresis_and_never_counts_below_zero():
+    load = LoadScheduling(high=3, low=1)
+    with _followed_thread(load) as (attached, tid):
+        assert attached is True
+        _hysteresis(load, tid)
+
+
+def _hysteresis(load, tid):
     steps = []
     for op in ("s", "s", "s", "f", "s", "f", "f", "f", "f", "f", "s", "s"):
         load.started() if op == "s" else load.finished()
@@ -189,8 +203,6 @@ def test_load_scheduling_switches_its_thread_with_hysteresis_and_never_counts_be
     load.finished(3)  # a websocket that closes with three clicks in flight
     assert (load.inflight, os.sched_getscheduler(tid), load.switches) == (0, O, 4)
     assert os.sched_getscheduler(0) == O  # the thread that called is not the one switched
-    done.set()
-    t.join()
 
 
 def test_load_scheduling_defaults_refusals_and_platforms_without_the_policy(monkeypatch, caplog):
@@ -219,3 +231,52 @@ def test_load_scheduling_defaults_refusals_and_platforms_without_the_policy(monk
     assert load.attach() is False
     load.started()
     assert (load.inflight, load.batch) == (1, False)  # counted, nothing switched
+
+
+def test_load_scheduling_backs_off_when_the_thread_waits_long_for_a_cpu(monkeypatch):
+    """Batched, the followed thread's average wait for a CPU per time slice (from its
+    schedstat) is checked every check_seconds; above max_wait_seconds it goes back to
+    the default policy and stays there for backoff_seconds, however many interactions
+    are in flight."""
+    from asgi_htag import config
+
+    clock = [1000.0]
+    monkeypatch.setattr(config.time, "monotonic", lambda: clock[0])
+    stats = [(0, 0)]
+    load = LoadScheduling(high=2, low=0, max_wait_seconds=300e-6, check_seconds=0.25, backoff_seconds=10)
+    with _followed_thread(load) as (_, tid):
+        _backoff(load, tid, clock, stats, monkeypatch)
+
+
+def _backoff(load, tid, clock, stats, monkeypatch):
+    real = load.schedstat()
+    assert real[1] >= 1  # the kernel does tell: this thread has had time slices
+    monkeypatch.setattr(load, "schedstat", lambda: stats[0])
+
+    def policy():
+        return os.sched_getscheduler(tid)
+
+    load.started(); load.started()
+    assert policy() == os.SCHED_BATCH
+    stats[0] = (100 * 50_000, 100)  # 50 us per slice: session work, as expected
+    clock[0] += 0.3
+    load.started()
+    assert policy() == os.SCHED_BATCH and load.backoffs == 0
+    stats[0] = (100 * 50_000 + 10 * 2_000_000, 110)  # then 2 ms per slice: someone else's CPU
+    clock[0] += 0.1
+    load.started()
+    assert policy() == os.SCHED_BATCH  # not checked before check_seconds have passed
+    clock[0] += 0.2
+    load.started()
+    assert (policy(), load.backoffs) == (os.SCHED_OTHER, 1)
+    clock[0] += 9.0
+    load.started()
+    assert policy() == os.SCHED_OTHER  # held back for backoff_seconds, 6 in flight or not
+    for _ in range(6):
+        load.finished()
+    clock[0] += 1.5
+    load.started(); load.started()
+    assert policy() == os.SCHED_BATCH  # tried again after the backoff
+    assert (load.switches, load.backoffs) == (3, 1)
+    load.finished(2)
+    assert policy() == os.SCHED_OTHER

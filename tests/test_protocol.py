@@ -493,7 +493,7 @@ def test_worker_gc_freeze_and_batch_scheduling_defaults_and_each_setting(server,
 
 
 def test_worker_batch_scheduling_auto_follows_the_interactions_in_flight(make_server):
-    """The default, "auto": the worker's loop thread goes under SCHED_BATCH once twice as
+    """worker_batch_scheduling="auto": the worker's loop thread goes under SCHED_BATCH once twice as
     many interactions as it has CPUs are in flight (websocket clicks and http_only POSTs
     alike), and back under the default policy once they are answered, or once the pages
     that sent them have gone."""
@@ -503,7 +503,7 @@ def test_worker_batch_scheduling_auto_follows_the_interactions_in_flight(make_se
 
     import httpx
 
-    srv = make_server()
+    srv = make_server(env={"TEST_WORKER_BATCH_SCHEDULING": "auto"})
     with httpx.Client(base_url=srv.url, timeout=30) as c:
         worker = int(c.get("/_stats").headers["x-worker-pid"])  # uvicorn's loop runs in its main thread
     high = 2 * len(os.sched_getaffinity(worker))

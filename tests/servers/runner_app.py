@@ -39,7 +39,7 @@ def _store():
     return RedisStore(url)
 
 
-# unset: the Engine's default ("auto")
+# unset: the Engine's default (False)
 _WORKER_BATCH = {"1": True, "0": False, "auto": "auto"}
 _options = {}
 if os.environ.get("TEST_WORKER_BATCH_SCHEDULING"):
