@@ -138,18 +138,24 @@ def check_process_loop(name: str) -> str:
     return name
 
 
+def _batch_policy() -> Optional[int]:
+    """``os.SCHED_BATCH`` where this platform has it and a way to set it, else None."""
+    if getattr(os, "sched_setscheduler", None) is None:
+        return None
+    return getattr(os, "SCHED_BATCH", None)
+
+
 def use_batch_scheduling(what: str) -> bool:
     """Put the calling thread (and the threads and processes it creates from now on) under
     Linux's SCHED_BATCH: the same share of CPU at the same nice, but its wake-ups do not
     preempt whoever is running. Unprivileged, and reversible without privileges. Where the
     platform has no such policy nothing changes; where the kernel refuses, ``what`` is
     named in a warning. Returns whether the policy is now in force."""
-    setter = getattr(os, "sched_setscheduler", None)
-    policy = getattr(os, "SCHED_BATCH", None)
-    if setter is None or policy is None:
+    policy = _batch_policy()
+    if policy is None:
         return False
     try:
-        setter(0, policy, os.sched_param(0))
+        os.sched_setscheduler(0, policy, os.sched_param(0))
     except OSError as exc:
         logger.warning("cannot use SCHED_BATCH for %s: %s", what, exc)
         return False
@@ -207,7 +213,7 @@ class LoadScheduling:
     def attach(self) -> bool:
         """Follow the calling thread from now on. False where the platform has no
         SCHED_BATCH (nothing will change then)."""
-        if getattr(os, "sched_setscheduler", None) is None or getattr(os, "SCHED_BATCH", None) is None:
+        if _batch_policy() is None:
             return False
         self._tid = threading.get_native_id()
         return True
