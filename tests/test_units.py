@@ -203,7 +203,7 @@ def test_session_process_connection_pauses_reading_while_frames_queue_up():
         peer.data_received(one)
     assert peer.transport.calls == ["pause"]  # above 4 MB queued
     while peer.frames:
-        peer._release(len(peer.frames.popleft()))
+        peer.release(len(peer.frames.popleft()))
     assert peer.transport.calls == ["pause", "resume"] and peer.held == 0
 
 

@@ -360,7 +360,7 @@ class AppHost:
                 if payload is None:
                     logger.warning("process %s: dropping a connection that broke the protocol: %s", os.getpid(), peer.error)
                     return
-                peer._release(len(payload))
+                peer.release(len(payload))
                 try:
                     frame, raw = wire.split_payload(payload)
                 except ProtocolError as exc:

@@ -95,7 +95,7 @@ class _UnixStream:
             await proto.readable()
         data = bytes(proto.buf)
         proto.buf.clear()
-        proto._release(len(data))
+        proto.release(len(data))
         return data
 
     async def aclose(self) -> None:

@@ -118,7 +118,7 @@ class FlowProtocol(asyncio.Protocol):
     waiting there is woken when it may go on, and told (ConnectionResetError) when the
     connection is gone. Reading: a subclass's ``data_received`` keeps what arrives and
     counts it with :meth:`_hold`; reading pauses while more than ``PAUSE_ABOVE`` bytes are
-    held and resumes when the reader, which says what it took with :meth:`_release`, has
+    held and resumes when the reader, which says what it took with :meth:`release`, has
     brought that down to half. The one reading task waits in :meth:`readable`, woken by
     new data, the end of the stream (``eof``) or the loss of the connection."""
 
@@ -157,7 +157,7 @@ class FlowProtocol(asyncio.Protocol):
             self.reading_paused = True
         self._wake_reader()
 
-    def _release(self, size: int) -> None:
+    def release(self, size: int) -> None:
         """The reader took ``size`` of the bytes held."""
         self.held -= size
         if self.reading_paused and self.held <= self.PAUSE_ABOVE // 2 and self.transport is not None and not self.lost:
