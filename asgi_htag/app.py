@@ -39,6 +39,7 @@ from .config import (
     use_batch_scheduling,
 )
 from .exceptions import ConfigurationError, PoolFull, ProcessGone, ProcessStartError, ProtocolError
+from .process import wire
 from .process.pool import PoolConfig, ProcessPool
 from .sessions import Session, SessionMiddleware, SessionStore, default_store
 
@@ -430,18 +431,23 @@ class Engine:
             await send({"type": "websocket.close", "code": 1008})
             return
         await send({"type": "websocket.accept"})
-        send_lock = anyio.Lock(fast_acquire=True)  # no extra loop turn when uncontended (the usual case)
+        send_lock = anyio.Lock()
         closed = False
 
         async def ws_send_text(text: str) -> None:
             nonlocal closed
             if closed:
                 return
-            async with send_lock:
-                try:
-                    await send({"type": "websocket.send", "text": text})
-                except (OSError, RuntimeError):
-                    closed = True
+            try:
+                send_lock.acquire_nowait()  # uncontended, the usual case: no checkpoint
+            except anyio.WouldBlock:
+                await send_lock.acquire()
+            try:
+                await send({"type": "websocket.send", "text": text})
+            except (OSError, RuntimeError):
+                closed = True
+            finally:
+                send_lock.release()
 
         async def ws_send(obj: Any) -> None:
             await ws_send_text(json.dumps(obj, separators=(",", ":")))
@@ -552,6 +558,7 @@ class Engine:
                 tg.start_soon(from_process)
                 if timeout_interaction:
                     tg.start_soon(watchdog)
+                plain_meta = wire.compact_json({"t": "interact", "token": token})  # a click's frame, session aside
                 while True:
                     message = await receive()
                     if message["type"] == "websocket.disconnect":
@@ -564,12 +571,12 @@ class Engine:
                     if len(raw) > self.max_message_bytes:
                         await ws_send({"asgi_htag": "error", "message": "interaction too large"})
                         continue
-                    meta: Dict[str, Any] = {"t": "interact", "token": token}
                     # the session travels only when the store says something changed
+                    meta: Optional[Dict[str, Any]] = None
                     version = store.version()
                     if version is None or version != sent_version:
                         await session.reload()
-                        meta["session"] = dict(session)
+                        meta = {"t": "interact", "token": token, "session": dict(session)}
                         sent_version = version
                     if not pending:
                         pending_since = time.monotonic()
@@ -578,7 +585,10 @@ class Engine:
                     if load is not None:
                         load.started()
                     try:
-                        await conn.send(meta, raw)
+                        if meta is None:
+                            await conn.send_json(plain_meta, raw)
+                        else:
+                            await conn.send(meta, raw)
                     except ProcessGone:
                         break  # from_process reports it
                 tg.cancel_scope.cancel()

@@ -119,6 +119,26 @@ def test_raw_bytes_ride_after_the_json_untouched():
     assert wire.split_payload(wire.encode({"a": 1})[wire.HEADER_SIZE:]) == ({"a": 1}, None)
 
 
+def test_frames_encoded_ahead_and_common_answers_match_the_general_path():
+    meta = {"t": "interact", "token": "é" * 4}
+    assert wire.encode_json(wire.compact_json(meta), raw=b"r") == wire.encode(meta, raw=b"r")
+    assert wire.encode_json(wire.compact_json(meta)) == wire.encode(meta)
+    with pytest.raises(FrameTooLarge):
+        wire.encode_json(wire.compact_json(meta), 40, raw=b"x" * 40)
+    # the answer every click without a session change gets is this meta, read without JSON
+    assert wire.compact_json({"t": "actions", "diff": None}) == wire.ACTIONS_META
+    payload = wire.encode({"t": "actions", "diff": None}, raw=b'{"update":1}')[wire.HEADER_SIZE:]
+    first, raw = wire.split_payload(payload)
+    assert (first, raw) == ({"t": "actions", "diff": None}, b'{"update":1}')
+    first["raw"] = raw  # ChildConnection.receive adds to it: each answer is a dict of its own
+    assert wire.split_payload(payload)[0] == {"t": "actions", "diff": None}
+    assert wire.split_payload(wire.ACTIONS_META) == ({"t": "actions", "diff": None}, None)
+    # near misses take the general path, and are still refused when they are not JSON objects
+    assert wire.split_payload(b'{"t": "actions", "diff": null}\nx') == ({"t": "actions", "diff": None}, b"x")
+    with pytest.raises(ProtocolError):
+        wire.split_payload(wire.ACTIONS_META[:-1] + b"\nx")
+
+
 def test_frame_buffer_refuses_oversized_header_before_buffering():
     buf = wire.FrameBuffer(1024)
     buf.feed(struct.pack(">I", 10 * 1024 * 1024))

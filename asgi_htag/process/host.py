@@ -368,7 +368,10 @@ class AppHost:
                     return
                 reply, out = await self._dispatch(frame, raw, peer)
                 if reply is not None:
-                    peer.write(wire.encode(reply, self.max_frame_bytes, raw=out))
+                    if reply.get("diff", 0) is None and reply.get("t") == "actions":
+                        peer.write(wire.encode_json(wire.ACTIONS_META, self.max_frame_bytes, raw=out))
+                    else:
+                        peer.write(wire.encode(reply, self.max_frame_bytes, raw=out))
                     await peer.drain()
         except (ConnectionError, OSError):
             return

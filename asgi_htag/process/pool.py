@@ -129,7 +129,13 @@ class ChildConnection:
     async def send(self, obj: Dict[str, Any], raw: Optional[bytes] = None) -> None:
         """Send a frame (``raw``: bytes relayed untouched). Raises ProcessGone if the
         process is not there any more."""
-        data = wire.encode(obj, self._max, raw=raw)
+        await self._send(wire.encode(obj, self._max, raw=raw))
+
+    async def send_json(self, meta: bytes, raw: Optional[bytes] = None) -> None:
+        """:meth:`send` of a frame object already serialized by :func:`wire.compact_json`."""
+        await self._send(wire.encode_json(meta, self._max, raw=raw))
+
+    async def _send(self, data: bytes) -> None:
         try:
             await self._stream.send(data)
         except _STREAM_ERRORS as exc:
