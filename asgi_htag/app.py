@@ -485,6 +485,7 @@ class Engine:
         clicked = [anyio.Event()]  # set when a click becomes pending (wakes the watchdog)
         try:
             sent_version = store.version()
+            touched_at = time.monotonic()  # the handshake's request touched the session
             await session.reload()
             try:
                 await conn.send(
@@ -574,12 +575,19 @@ class Engine:
                     # the session travels only when the store says something changed
                     meta: Optional[Dict[str, Any]] = None
                     version = store.version()
+                    now = time.monotonic()
+                    if now - touched_at >= _TOUCH_SECONDS:
+                        # clicking keeps the session alive as requests do; one that expired
+                        # meanwhile is not revived, and reaches the app as an empty one
+                        touched_at = now
+                        await store.touch(session.sid)
+                        version = None
                     if version is None or version != sent_version:
                         await session.reload()
                         meta = {"t": "interact", "token": token, "session": dict(session)}
                         sent_version = version
                     if not pending:
-                        pending_since = time.monotonic()
+                        pending_since = now
                         clicked[0].set()
                     pending += 1
                     if load is not None:
@@ -600,6 +608,7 @@ class Engine:
 
 
 _BACKSTOP_SECONDS = 2.0
+_TOUCH_SECONDS = 1.0  # how often clicks over a websocket refresh their session's expiry
 _GONE = {"asgi_htag": "gone", "message": "This page's instance no longer exists; reloading..."}
 
 

@@ -103,6 +103,28 @@ def test_session_shared_between_routes_and_app(server, new_client):
     assert Page(c, "/state").texts["statev"] == "1", "tag.state lives in the session"
 
 
+def test_clicking_over_a_websocket_keeps_the_session_alive_and_an_expired_one_reaches_the_app_empty(make_server):
+    import time
+
+    import httpx
+
+    srv = make_server(env={"TEST_STORE_MAX_AGE": "2"})  # sessions expire 2 s after their last use
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        page = Page(c, "/state")
+        assert c.get("/set?v=alice").text == "ok"
+        with page.ws() as ws:
+            assert texts_of(click(ws, page, "read"))["from-route"] == "'alice'"
+            start = time.monotonic()
+            while time.monotonic() - start < 4:  # twice the lifetime, with no HTTP request
+                answer = click(ws, page, "read")  # the value shown does not change: nothing to redraw
+                assert "asgi_htag" not in answer and "from-route" not in texts_of(answer), answer
+                time.sleep(0.3)
+            assert "from_route" in c.get("/get").json()["keys"], "the clicks kept the session alive"
+            time.sleep(2.6)  # idle past the lifetime: the session expires
+            assert texts_of(click(ws, page, "read"))["from-route"] == "None", "the app sees the session gone"
+        assert c.get("/get").json()["keys"] == [], "an expired session is not revived by clicks"
+
+
 def test_hostile_frames_get_errors_and_nothing_breaks(server, new_client):
     page = Page(new_client(), "/")
     other = Page(new_client(), "/")

@@ -33,6 +33,13 @@ class WorkerPid:
 def _store():
     url = os.environ.get("TEST_REDIS_URL")
     if not url:
+        if os.environ.get("TEST_STORE_MAX_AGE"):  # sessions that expire within a test
+            from asgi_htag.sessions import SQLiteStore
+
+            return SQLiteStore(
+                os.path.join(os.environ["ASGI_HTAG_STATE_DIR"], "sessions.sqlite3"),
+                max_age_seconds=float(os.environ["TEST_STORE_MAX_AGE"]),
+            )
         return None
     from asgi_htag.redis_store import RedisStore
 
