@@ -93,3 +93,12 @@ def test_editing_the_app_file_gives_new_sessions_the_new_code(script_server):
     with httpx.Client(base_url=url, timeout=30) as c:
         page = Page(c, "/")
         assert page.status == 200 and page.texts["hello"] == "Bonjour world"
+
+
+def test_an_app_module_that_prints_while_imported_does_not_break_the_start(make_server):
+    srv = make_server("tests.servers.noisy:app")
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        page = Page(c, "/")
+        assert page.texts["ok"] == "ok"
+    srv.wait_for_log("noisy_app: a print while the module is imported")
+    srv.wait_for_log("noisy_app: a print while an instance starts")

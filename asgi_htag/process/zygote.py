@@ -26,6 +26,7 @@ import fcntl
 import gc
 import importlib
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -901,8 +902,19 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("htag").setLevel(max(logging.WARNING, logging.getLevelName(level) if isinstance(logging.getLevelName(level), int) else logging.WARNING))
 
 
+def _say(status: io.TextIOWrapper, line: str) -> None:
+    status.write(line + "\n")
+    status.flush()
+
+
 def main(argv: List[str]) -> int:
     cfg = json.loads(argv[1])
+    # The worker reads our first line (READY/EXISTS) from stdout. It gets a descriptor of
+    # its own, and stdout goes to stderr from here on: an app module or a library that
+    # prints while it is imported lands in the server's log, never before that line.
+    sys.stdout.flush()
+    status = io.TextIOWrapper(io.FileIO(os.dup(1), "w"), encoding="utf-8")
+    os.dup2(2, 1)
     # Detach: the intermediate exits at once (the worker waits for it), so the zygote is
     # nobody's child and a worker's death or exit never touches it.
     if os.fork() > 0:
@@ -924,8 +936,7 @@ def main(argv: List[str]) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     zygote = Zygote(cfg)
     if not zygote.acquire():
-        sys.stdout.write("EXISTS\n")
-        sys.stdout.flush()
+        _say(status, "EXISTS")
         return 0
     # preload what every child needs, once
     import asyncio  # noqa: F401
@@ -947,11 +958,10 @@ def main(argv: List[str]) -> int:
     except Exception:  # an optimisation only: never a reason not to start
         logger.exception("warm-up failed")
     zygote.listen()
-    sys.stdout.write(f"READY {os.getpid()}\n")
-    sys.stdout.flush()
+    _say(status, f"READY {os.getpid()}")
+    status.close()  # the worker's pipe ends here: no child of ours holds it
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
-    os.dup2(2, 1)  # a user's print() goes to the server's stderr, never into a protocol
     os.close(devnull)
     try:
         zygote.run()
