@@ -239,3 +239,11 @@ class Napper(Tag.body):
         time.sleep(0.2)
         self.count += 1
         self.naps.clear(str(self.count))
+
+
+class SlowStart(Tag.body):
+    """Its creation takes 1 s (well under timeout_interaction)."""
+
+    def init(self):
+        time.sleep(1)
+        self <= Tag.span("ok", _data_test="ok")

@@ -3,6 +3,7 @@ with well-formed and hostile frames."""
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -683,3 +684,83 @@ def test_off_asyncio_the_pool_talks_to_processes_through_anyio_streams(runtime, 
 
     kind, reply, info = run(scenario, runtime)
     assert kind != "_UnixStream" and reply["t"] == "html" and str(info["pid"]) in reply["html"]
+
+
+def _fds(pid: int) -> set:
+    """What ``pid``'s descriptors other than stdin, stdout and stderr lead to."""
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if int(fd) <= 2:
+            continue
+        try:
+            out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return out
+
+
+def test_a_killed_process_leaves_no_socket_and_no_process_holds_another_ones_start_up_pipe(runtime):
+    async def go(pool):
+        first = await pool.spawn("aa" * 10, "tests.apps:Counter", [[], {}], {}, OPTS)
+        second = await pool.spawn("bb" * 10, "tests.apps:Counter", [[], {}], {}, OPTS)
+        forker = (await pool.stats())["forker"]
+        # every process has its own start-up pipe: the forker (forked on the first spawn)
+        # and the second process hold nothing of the first one's
+        pipes = {pid: {f for f in _fds(pid) if f.startswith("pipe:")} for pid in (forker, first["pid"], second["pid"])}
+        await pool.kill("aa" * 10, first["pid"])
+        for _ in range(100):
+            if not os.path.exists(f"/proc/{first['pid']}"):
+                break
+            await anyio.sleep(0.05)
+        await anyio.sleep(0.3)
+        return pipes, sorted(p.name for p in runtime.iterdir() if p.name.endswith(".s"))
+
+    pipes, sockets = run(go, runtime)
+    forker, first, second = pipes.values()
+    assert sockets == ["bb" * 10 + ".s", "zygote.s"], "the killed process's socket was removed"
+    shared = (forker & first) | (forker & second) | (first & second)
+    assert not shared, f"start-up pipes shared between processes: {shared}"
+
+
+def test_every_worker_waiting_for_a_starting_process_gets_its_answer_when_one_goes_away(runtime):
+    from asgi_htag.process.pool import _spawn_zygote
+
+    cfg = {"runtime_dir": str(runtime), "grace_seconds": 2, "sys_path": [str(ROOT)] + sys.path, "apps": []}
+    line = _spawn_zygote(json.dumps(cfg), 60)
+    zygote_pid = int(line.split()[1])
+    path = str(runtime / "zygote.s")
+
+    def connect():
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(path)
+        return s
+
+    def recv_frame(s):
+        header = s.recv(4, socket.MSG_WAITALL)
+        (n,) = struct.unpack(">I", header)
+        return json.loads(s.recv(n, socket.MSG_WAITALL))
+
+    presence = connect()
+    presence.sendall(frame({"op": "hello"}))
+    recv_frame(presence)
+    key = "cd" * 10
+    spawn = {"op": "spawn", "key": key, "app": "tests.apps:SlowStart", "init": [[], {}], "session": {},
+             "opts": {"timeout_interaction": 0}}
+    first, second, third = connect(), connect(), connect()
+    for s in (first, second, third):
+        s.sendall(frame(spawn))
+        time.sleep(0.2)  # all three wait for the same starting process, in this order
+    os.kill(zygote_pid, signal.SIGSTOP)  # the process gets ready while the zygote looks away...
+    try:
+        deadline = time.monotonic() + 10
+        while not (runtime / f"{key}.s").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        first.close()  # ...and the first worker goes away: its answer fails in the same round
+    finally:
+        os.kill(zygote_pid, signal.SIGCONT)
+    assert recv_frame(second)["ok"] is True
+    assert recv_frame(third)["ok"] is True
+    for s in (second, third, presence):
+        s.close()

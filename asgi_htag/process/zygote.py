@@ -388,11 +388,14 @@ class Zygote:
             "opts": msg.get("opts") or {},
             "sock_path": socket_path(self.runtime_dir, key),
         }
-        ready_r, ready_w = os.pipe()
+        ready_r = ready_w = -1
         try:
+            self._ensure_forker()  # before the pipe: the forker, forked from us, must not hold it
+            ready_r, ready_w = os.pipe()
             pid, pidfd, loaded_from = self._fork(spec, ref, ready_w)
         except (OSError, ValueError, socket.timeout, ProcessStartError, FrameTooLarge) as exc:
-            os.close(ready_r)
+            if ready_r >= 0:
+                os.close(ready_r)
             logger.error("cannot fork a process for %s: %s", key[:8], exc)
             if not isinstance(exc, (ProcessStartError, FrameTooLarge)):
                 self._drop_forker()  # the exchange with it broke off: start afresh
@@ -404,7 +407,8 @@ class Zygote:
                 self._reply(w, reply)
             return
         finally:
-            os.close(ready_w)
+            if ready_w >= 0:
+                os.close(ready_w)
         if loaded_from and loaded_from not in self.stamps:
             self.stamps[loaded_from] = _stamp(loaded_from)  # the forker imported it: watch it too
         child = Child(key, pid, pidfd, token, init, ready_r, time.monotonic() + self.start_timeout)
@@ -540,9 +544,14 @@ class Zygote:
         else:
             reply = msg
             logger.error("process %s for %s failed to start: %s", child.pid, child.key[:8], msg.get("message"))
-        for w in child.waiters:
+        self._answer_waiters(child, reply)
+
+    def _answer_waiters(self, child: Child, reply: Dict[str, Any]) -> None:
+        # taken off the child first: a reply that fails closes its connection, which
+        # removes it from child.waiters, and must not make the loop skip the next one
+        waiters, child.waiters = child.waiters, []
+        for w in waiters:
             self._reply(w, reply)
-        child.waiters = []
 
     def _drop_ready_fd(self, child: Child) -> None:
         if child.ready_fd is not None:
@@ -572,8 +581,10 @@ class Zygote:
         lasted = time.monotonic() - child.started
         timed_out = not child.ready and child.timeout > 0 and lasted >= child.timeout * 0.95
         logger.info("process %s for %s ended after %.1fs%s", child.pid, child.key[:8], lasted, " (start timeout)" if timed_out else "")
-        if self.children.get(child.key) is child:
+        owner = self.children.get(child.key)
+        if owner is child:
             del self.children[child.key]
+        if owner is None or owner is child:  # (None: killed by _kill) no replacement owns the name
             try:
                 os.unlink(socket_path(self.runtime_dir, child.key))
             except FileNotFoundError:
@@ -583,9 +594,7 @@ class Zygote:
                 reply = {"ok": False, "error": "timeout", "message": "the app took too long to start"}
             else:
                 reply = {"ok": False, "error": "crash", "message": "the app process died while starting"}
-            for w in child.waiters:
-                self._reply(w, reply)
-            child.waiters = []
+            self._answer_waiters(child, reply)
 
     def _kill(self, child: Child, sig: int) -> None:
         if self.children.get(child.key) is child:
