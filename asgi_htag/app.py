@@ -492,10 +492,22 @@ class Engine:
                     {"t": "subscribe", "token": token, "resync": resync, "k": page_id, "session": dict(session)}
                 )
                 reply, out = await conn.receive_frame()
+                # The process counts this page as subscribed before it answers, and its
+                # answer waits while an interaction runs: what that interaction pushes
+                # meanwhile comes first, and goes to the page as any push does.
+                while reply.get("t") == "push":
+                    if out is not None:
+                        await ws_send_text(out.decode())
+                    reply, out = await conn.receive_frame()
             except (ProcessGone, ProtocolError):
                 reply, out = {"t": "gone"}, None
             if reply.get("t") != "subscribed":
-                await ws_send(_GONE if reply.get("t") == "gone" else {"asgi_htag": "error", "message": reply.get("message", "")})
+                if reply.get("t") == "gone":
+                    await ws_send(_GONE)
+                elif out is not None:  # the process's own error for the page (its text rides there)
+                    await ws_send_text(out.decode())
+                else:
+                    await ws_send({"asgi_htag": "error", "message": reply.get("message", "")})
                 await ws_close(4001)
                 return
             timeout_interaction = reply.get("timeout_interaction") or 0

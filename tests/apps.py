@@ -247,3 +247,33 @@ class SlowStart(Tag.body):
     def init(self):
         time.sleep(1)
         self <= Tag.span("ok", _data_test="ok")
+
+
+class Progress(Tag.body):
+    """The usual progress bar: an async handler that pushes as it goes, for about 1.5 s."""
+
+    def init(self):
+        self.v = Tag.span("0", _data_test="v")
+        self <= Tag.button("run", _onclick=self.bind.run(), _data_test="run")
+        self <= self.v
+
+    async def run(self):
+        for i in range(1, 16):
+            self.v.clear(str(i))
+            await self.v.update()
+            await asyncio.sleep(0.1)
+
+
+class BadRender(Tag.body):
+    """Once "break" is clicked its render() fails: so does every resync after a reconnect."""
+
+    def init(self):
+        self.broken = False
+        self <= Tag.button("break", _onclick=self.bind.brk(), _data_test="brk")
+
+    def brk(self):
+        self.broken = True
+
+    def render(self):
+        if self.broken:
+            raise RuntimeError("render fails in this state")

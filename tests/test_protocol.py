@@ -571,3 +571,33 @@ def test_worker_batch_scheduling_auto_follows_the_interactions_in_flight(make_se
     finally:
         for c in clients:
             c.close()
+
+
+def test_a_page_that_reconnects_while_an_interaction_pushes_gets_the_pushes_then_its_resync(server, new_client):
+    import time
+
+    page = Page(new_client(), "/progress")
+    with page.ws() as running:
+        running.send(json.dumps(page.call("run")))  # pushes every 0.1 s for 1.5 s, holding the instance
+        time.sleep(0.4)
+        with page.ws(resync=True) as again:  # the same page after a network blip, or another tab
+            shown = []
+            while True:
+                msg = recv_json(again)
+                assert "asgi_htag" not in msg, f"the reconnect was refused: {msg}"
+                shown.append(texts_of(msg).get("v"))
+                if shown[-1] == "15":
+                    break
+            assert len(shown) >= 5, shown  # pushes arrived while the interaction ran
+        answer = recv_json(running)
+        while texts_of(answer).get("v") != "15" or "asgi_htag" in answer:
+            answer = recv_json(running)
+
+
+def test_a_failed_resync_tells_the_page_why(server, new_client):
+    page = Page(new_client(), "/bad-render")
+    with page.ws() as ws:
+        assert "asgi_htag" not in click(ws, page, "brk")
+    with page.ws(resync=True) as ws:
+        msg = recv_json(ws)
+        assert msg["asgi_htag"] == "error" and "render fails in this state" in msg["message"], msg

@@ -92,6 +92,8 @@ PAGES = {
     "/quitter": page_of(apps.Quitter),
     "/loop": page_of(apps.LoopName),
     "/napper-http": page_of(apps.Napper, http_only=True),
+    "/progress": page_of(apps.Progress),
+    "/bad-render": page_of(apps.BadRender),
     "/holder": page_of(apps.Holder),
     "/holder-http": page_of(apps.Holder, http_only=True),
     "/inactive": page_of(apps.Counter, timeout_inactivity=1),
