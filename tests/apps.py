@@ -277,3 +277,16 @@ class BadRender(Tag.body):
     def render(self):
         if self.broken:
             raise RuntimeError("render fails in this state")
+
+
+class Sleeper(Tag.body):
+    """An async interaction that takes 2 s (awaiting, as a slow API call does)."""
+
+    def init(self):
+        self <= Tag.button("sleep", _onclick=self.bind.sleep(), _data_test="sleep")
+        self.done = Tag.span("0", _data_test="done")
+        self <= self.done
+
+    async def sleep(self):
+        await asyncio.sleep(2)
+        self.done.clear("1")

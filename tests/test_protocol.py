@@ -282,6 +282,18 @@ def test_inactivity_timeout_ends_the_process(server, new_client):
     assert Page(c, "/inactive").texts["pid"] != page.texts["pid"], "a reload builds a new instance"
 
 
+def test_an_interaction_longer_than_the_inactivity_timeout_finishes_and_the_timeout_counts_from_its_end(server, new_client):
+    import time
+
+    page = Page(new_client(), "/inactive-sleeper")  # timeout_inactivity=1, the click takes 2 s
+    with page.ws() as ws:
+        assert texts_of(click(ws, page, "sleep"))["done"] == "1", "the process stayed for the whole interaction"
+        answered = time.monotonic()
+        msg = recv_json(ws, timeout=30)
+        assert msg["asgi_htag"] == "gone"
+        assert time.monotonic() - answered >= 0.9, "it went only after a second without interaction (a lower bound)"
+
+
 def test_interactions_push_the_inactivity_deadline_back(server, new_client):
     """timeout_inactivity=1: clicks every 0.25 s keep the process for three times that
     long (same process, the count goes on); once the clicks stop, it says bye."""

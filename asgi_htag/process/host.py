@@ -238,6 +238,8 @@ class AppHost:
     def _check_inactive(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = self._last_touch + self.timeout_inactivity
+        if self.lock.locked():  # an interaction (or a render) is running: not inactive
+            deadline = max(deadline, loop.time() + self.timeout_inactivity)
         if deadline - loop.time() > 0.001:  # moved since armed (a timer may fire a tick early)
             self._inactivity_handle = loop.call_at(deadline, self._check_inactive)
             return
@@ -340,6 +342,7 @@ class AppHost:
                 )
             finally:
                 self._disarm_alarm()
+                self.touch()  # inactivity counts from an interaction's end, not its start
             return actions, self.session.take_diff()
 
     def resync_actions(self) -> Dict[str, Any]:

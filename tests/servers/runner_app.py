@@ -98,6 +98,7 @@ PAGES = {
     "/holder-http": page_of(apps.Holder, http_only=True),
     "/inactive": page_of(apps.Counter, timeout_inactivity=1),
     "/inactive-ticker": page_of(apps.Ticker, timeout_inactivity=1),
+    "/inactive-sleeper": page_of(apps.Sleeper, timeout_inactivity=1),
 }
 
 
