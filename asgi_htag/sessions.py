@@ -450,6 +450,7 @@ class Session(MutableMapping[str, Any]):
         self._baseline: Dict[str, str] = {}
         self._needs_create = is_new and sid is not None
         self._doomed: List[str] = []
+        self.cleared = False  # clear() was called: an empty session is then dropped, not kept
         if data:
             self._data = {_check_key(k): v for k, v in data.items()}
             self._baseline = {k: _dump_value(k, v) for k, v in self._data.items()}
@@ -479,8 +480,12 @@ class Session(MutableMapping[str, Any]):
         return key in self._data
 
     def clear(self) -> None:
-        """Remove every key (the row and cookie are dropped by the middleware if it stays empty)."""
+        """Remove every key; if the session is still empty when the response starts, the
+        middleware drops its row and expires its cookie (a logout). Deleting keys one by
+        one does not: a request that pops the only key it saw (a one-shot message) must not
+        drop what others wrote to the same session meanwhile."""
         self.accessed = True
+        self.cleared = True
         self._data.clear()
 
     def __repr__(self) -> str:
@@ -821,9 +826,10 @@ class SessionMiddleware:
     ) -> Tuple[Optional[bytes], Optional[str]]:
         """Commit, refresh the expiry, and return the Set-Cookie value the browser needs
         (or None) with the sid the browser holds afterwards."""
-        if browser_sid is not None and session.sid == browser_sid and not session._data and session.modified:
-            # Emptied (e.g. clear() at logout): drop the row and the cookie, not an empty row.
+        if session.cleared and browser_sid is not None and session.sid == browser_sid and not session._data:
+            # clear() at logout: drop the row and the cookie, not an empty row.
             session.invalidate()
+        session.cleared = False
         wrote = session.modified
         await session.commit()
         if session.sid is not None and session.sid == browser_sid and not wrote:

@@ -290,3 +290,16 @@ class Sleeper(Tag.body):
     async def sleep(self):
         await asyncio.sleep(2)
         self.done.clear("1")
+
+
+class Flash(Tag.body):
+    """Shows the session's "from_route" once and removes it (a one-shot message), then counts."""
+
+    def init(self):
+        self <= Tag.span(repr(self.session.pop("from_route", None)), _data_test="flash")
+        self.value = Tag.span("0", _data_test="value")
+        self <= Tag.button("+1", _onclick=self.bind.inc(), _data_test="inc")
+        self <= self.value
+
+    def inc(self):
+        self.value.clear(str(int(self.value.childs[0]) + 1))

@@ -125,6 +125,19 @@ def test_clicking_over_a_websocket_keeps_the_session_alive_and_an_expired_one_re
         assert c.get("/get").json()["keys"] == [], "an expired session is not revived by clicks"
 
 
+def test_an_app_that_removes_the_only_session_key_keeps_its_session_and_its_page(server, new_client):
+    c = new_client()
+    assert c.get("/set?v=hello").text == "ok"  # the session's only key
+    cookie = c.cookies.get("asgi_htag_session")
+    page = Page(c, "/flash")  # shows it once and removes it
+    assert page.texts["flash"] == "'hello'"
+    assert page.cookie_header(), "the page's response did not expire the session cookie"
+    with page.ws() as ws:
+        assert texts_of(click(ws, page, "inc"))["value"] == "1", "the page reaches its process"
+    assert c.get("/get").json()["keys"] == [], "the app's removal reached the store"
+    assert c.cookies.get("asgi_htag_session") == cookie, "the same session all along"
+
+
 def test_hostile_frames_get_errors_and_nothing_breaks(server, new_client):
     page = Page(new_client(), "/")
     other = Page(new_client(), "/")

@@ -36,8 +36,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 async def raw_app(scope: Dict[str, Any], receive: Any, send: Any) -> None:
-    """A tiny ASGI app driven by its path: /set/<k>/<v>, /append, /clear, /regenerate,
-    /invalidate, /peek (reads nothing); it answers with the session id and data."""
+    """A tiny ASGI app driven by its path: /set/<k>/<v>, /append, /clear, /pop/<k>[/<k2>]
+    (<k2> written meanwhile by someone else), /regenerate, /invalidate, /peek (reads
+    nothing); it answers with the session id and data."""
     session: Session = scope["session"]
     parts = scope["path"].strip("/").split("/")
     if parts[0] == "set":
@@ -47,6 +48,10 @@ async def raw_app(scope: Dict[str, Any], receive: Any, send: Any) -> None:
         session["items"].append(len(session["items"]))
     elif parts[0] == "clear":
         session.clear()
+    elif parts[0] == "pop":
+        session.pop(parts[1], None)
+        if len(parts) > 2:  # meanwhile another worker writes to the same session
+            await session.store.apply(session.sid, {parts[2]: "from-elsewhere"}, [])
     elif parts[0] == "regenerate":
         session.regenerate_id()
     elif parts[0] == "invalidate":
@@ -353,6 +358,18 @@ def test_clear_drops_session_and_expires_cookie(app: SessionMiddleware, store: M
     assert run(store.load, first["sid"]) is None
     _, body = request(app, "/read", cookie=cookie)
     assert body == {"sid": None, "data": {}}
+
+
+def test_popping_the_only_key_keeps_the_session_and_what_others_wrote(app: SessionMiddleware, store: MemoryStore) -> None:
+    start, first = request(app, "/set/flash/saved")
+    cookie = cookie_value(start)
+    start, body = request(app, "/pop/flash/user", cookie=cookie)  # a one-shot message, shown once
+    assert set_cookies(start) == [], "the cookie stays"
+    assert run(store.load, first["sid"]) == {"user": "from-elsewhere"}
+    _, body = request(app, "/read", cookie=cookie)
+    assert body == {"sid": first["sid"], "data": {"user": "from-elsewhere"}}
+    start, body = request(app, "/pop/user", cookie=cookie)  # emptied key by key: still there
+    assert set_cookies(start) == [] and run(store.load, first["sid"]) == {}
 
 
 def test_regenerate_id_moves_data_and_resends_cookie(app: SessionMiddleware, store: MemoryStore) -> None:

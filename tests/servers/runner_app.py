@@ -93,6 +93,7 @@ PAGES = {
     "/loop": page_of(apps.LoopName),
     "/napper-http": page_of(apps.Napper, http_only=True),
     "/progress": page_of(apps.Progress),
+    "/flash": page_of(apps.Flash),
     "/bad-render": page_of(apps.BadRender),
     "/holder": page_of(apps.Holder),
     "/holder-http": page_of(apps.Holder, http_only=True),
