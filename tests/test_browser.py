@@ -222,3 +222,27 @@ def test_page_survives_a_server_restart(make_server, page):
         left = again.wait_no_processes()
         again.cleanup()
         assert not left
+
+
+# keeps every WebSocket the page makes, so that a test can drop one as a network blip would
+_CAPTURE_SOCKETS = """
+(function () { var W = window.WebSocket; window.__socks = [];
+  window.WebSocket = function (u, p) { var s = p ? new W(u, p) : new W(u); window.__socks.push(s); return s; };
+  window.WebSocket.prototype = W.prototype; })();
+"""
+
+
+def test_a_page_refused_at_every_reconnect_backs_off_then_stops_and_says_so(make_server, page):
+    srv = make_server()
+    page.add_init_script(_CAPTURE_SOCKETS)
+    page.goto(srv.url + "/bad-render")
+    page.wait_for_function("window.__socks.length === 1 && window.__socks[0].readyState === 1")
+    page.click(sel("brk"))  # from now on the instance cannot render: every resync fails
+    page.wait_for_timeout(300)
+    page.evaluate("window.__socks[0].close()")  # a network blip
+    notice = page.wait_for_selector("#asgi-htag-notice:has-text('cannot reconnect')", timeout=30000)
+    assert notice.query_selector("a, button") is not None, "it offers a reload"
+    tries = page.evaluate("window.__socks.length") - 1
+    assert tries == 4, f"{tries} reconnects, each refused after it opened (the blip was the first close)"
+    page.wait_for_timeout(1500)
+    assert page.evaluate("window.__socks.length") - 1 == tries, "and no more after that"

@@ -3,7 +3,7 @@
 var __asgi_htag = (function () {
   "use strict";
   var cfg = /*ASGI_HTAG_CFG*/null;
-  var ws = null, started = false, attempts = 0, finished = false, queue = [], everOpened = false;
+  var ws = null, started = false, attempts = 0, finished = false, queue = [], everOpened = false, openedAt = 0;
 
   // --- parano: ECDH (P-256) key agreement per page, AES-256-GCM envelopes -------------
   var te = new TextEncoder(), td = new TextDecoder();
@@ -155,7 +155,7 @@ var __asgi_htag = (function () {
       (pageId ? "&k=" + pageId : "");
     ws = new WebSocket(url);
     ws.onopen = function () {
-      attempts = 0;
+      openedAt = Date.now();  // the backoff starts over only once a connection has lasted
       everOpened = true;
       clearNotice();
       if (cfg.parano && !aesKey) {
@@ -172,10 +172,17 @@ var __asgi_htag = (function () {
       try { o = JSON.parse(e.data); } catch (err) { if (!cfg.parano) action(e.data); return; }
       deliver(o);
     };
-    ws.onclose = function () {
+    ws.onclose = function (e) {
       ws = null;
       if (finished) return;
+      if (openedAt && Date.now() - openedAt > 5000) attempts = 0;
+      openedAt = 0;
       attempts += 1;
+      if (e && e.code === 4001 && attempts >= 5) {  // refused again and again (not a network blip)
+        finished = true;
+        notice("This page cannot reconnect to its application instance.", true);
+        return;
+      }
       var delay = Math.min(10000, 250 * Math.pow(2, Math.min(attempts, 6))) * (0.75 + Math.random() / 2);
       if (attempts > 1) notice("Connection lost, reconnecting...", false);
       setTimeout(connect, delay);
