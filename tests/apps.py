@@ -303,3 +303,18 @@ class Flash(Tag.body):
 
     def inc(self):
         self.value.clear(str(int(self.value.childs[0]) + 1))
+
+
+class SlowRender(Tag.body):
+    """Its render() blocks from the second render on (a slow query in a dynamic render)."""
+
+    def init(self):
+        self.n = 0
+
+    def render(self):
+        self.clear()
+        self.n += 1
+        if self.n > 1:
+            time.sleep(3600)
+        self <= Tag.span(str(self.n), _data_test="n")
+        self <= Tag.span(str(os.getpid()), _data_test="pid")

@@ -285,6 +285,15 @@ def test_an_app_too_slow_to_create_gets_a_clear_504_and_leaves_no_process(server
     assert Page(c, "/").status == 200, "the same session carries on with other apps"
 
 
+def test_a_page_render_stuck_past_the_interaction_timeout_ends_its_process_and_a_fresh_one_answers(server, new_client):
+    c = new_client()
+    first = Page(c, "/slow-render")  # timeout_interaction=1; its render() blocks from the second one on
+    assert first.texts["n"] == "1"
+    again = Page(c, "/slow-render")  # a reload: the stuck render's process is ended, a new one renders
+    assert again.status == 200 and again.texts["n"] == "1" and again.texts["pid"] != first.texts["pid"]
+    assert not os.path.exists(f"/proc/{first.texts['pid']}"), "the stuck process is gone"
+
+
 def test_inactivity_timeout_ends_the_process(server, new_client):
     c = new_client()
     page = Page(c, "/inactive")

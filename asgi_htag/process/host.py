@@ -322,7 +322,11 @@ class AppHost:
                 self.session.sync(frame["session"])
             self.touch()
             _offered.clear()  # a full render re-offers everything the page now holds
-            html = str(self.hr)
+            self._arm_alarm()  # the app's render() runs here: it gets the time an interaction gets
+            try:
+                html = str(self.hr)
+            finally:
+                self._disarm_alarm()
             return {"t": "html", "html": html, "diff": self.session.take_diff()}
 
     async def interact(self, data: Dict[str, Any], session: Optional[Dict[str, Any]]) -> Tuple[Dict[str, Any], Any]:
@@ -347,8 +351,13 @@ class AppHost:
 
     def resync_actions(self) -> Dict[str, Any]:
         """Actions that redraw the whole body: sent to a page that reconnects, so that the
-        pushes it missed while disconnected are not lost."""
-        return self.hr._mkReponse([self.hr.tag])
+        pushes it missed while disconnected are not lost. Under the interaction timer: it
+        runs the app's render()."""
+        self._arm_alarm()
+        try:
+            return self.hr._mkReponse([self.hr.tag])
+        finally:
+            self._disarm_alarm()
 
     async def serve_peer(self, peer: "_Peer") -> None:
         """Answer one connection's frames in order, until it ends or breaks the protocol."""

@@ -88,6 +88,7 @@ PAGES = {
     "/slow": page_of(apps.Slow, timeout_interaction=1),
     "/stuck": page_of(apps.Stuck, timeout_interaction=1),
     "/slow-init": page_of(apps.SlowInit, timeout_interaction=1),
+    "/slow-render": page_of(apps.SlowRender, timeout_interaction=1),
     "/crashy": page_of(apps.Crashy),
     "/quitter": page_of(apps.Quitter),
     "/loop": page_of(apps.LoopName),
