@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 import traceback
@@ -511,6 +512,7 @@ class Engine:
                 await ws_close(4001)
                 return
             timeout_interaction = reply.get("timeout_interaction") or 0
+            pid = reply.get("pid")
             if out:
                 await ws_send_text(out.decode())
             logger.debug("websocket of session %s subscribed to process %s", short_sid, reply.get("pid"))
@@ -528,6 +530,12 @@ class Engine:
                             left = pending_since + timeout_interaction + _BACKSTOP_SECONDS - time.monotonic()
                             if left > 0:
                                 await anyio.sleep(left)
+                                continue
+                            if _own_timer_can_end(pid):
+                                # Its timer ends any interaction that runs past the limit: this
+                                # click waits behind others (the session's other tabs) and is
+                                # not stuck. Looked at again after one more limit.
+                                await anyio.sleep(timeout_interaction)
                                 continue
                             logger.error("process of session %s is stuck past its timeout: killing it", short_sid)
                             try:
@@ -622,6 +630,23 @@ class Engine:
 _BACKSTOP_SECONDS = 2.0
 _TOUCH_SECONDS = 1.0  # how often clicks over a websocket refresh their session's expiry
 _GONE = {"asgi_htag": "gone", "message": "This page's instance no longer exists; reloading..."}
+
+
+def _own_timer_can_end(pid: Any) -> bool:
+    """Whether the process ``pid`` would be ended by its own interaction timer (SIGALRM,
+    default action): it exists, is not in an uninterruptible sleep, and its main thread
+    neither blocks, ignores nor catches SIGALRM (an app may have done any of those)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        bit = 1 << (signal.SIGALRM - 1)
+        masks = [int(fields[name].strip(), 16) for name in ("SigBlk", "SigIgn", "SigCgt")]
+        state = fields["State"].strip()[:1]
+    except (OSError, KeyError, ValueError):
+        return False
+    return state not in ("D", "Z", "X", "T", "t") and not any(m & bit for m in masks)
 
 
 def _dead_message(pending: bool, timeout: float = 0) -> Dict[str, Any]:

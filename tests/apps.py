@@ -318,3 +318,12 @@ class SlowRender(Tag.body):
             time.sleep(3600)
         self <= Tag.span(str(self.n), _data_test="n")
         self <= Tag.span(str(os.getpid()), _data_test="pid")
+
+
+class LongNap(Napper):
+    """A blocking interaction of 0.8 s: legal under timeout_interaction=1."""
+
+    def nap(self):
+        time.sleep(0.8)
+        self.count += 1
+        self.naps.clear(str(self.count))

@@ -491,6 +491,35 @@ def test_fork_server_killed_recovers_on_next_render(make_server, loop):
         assert Page(c, "/state").texts["from-route"] == "'survives'"
 
 
+def test_clicks_of_several_tabs_queued_behind_each_other_are_not_taken_for_a_stuck_process(server, new_client):
+    import contextlib
+    import threading
+
+    c = new_client()
+    pages = [Page(c, "/long-nap") for _ in range(5)]  # one instance, five tabs; each click takes 0.8 s of 1
+    assert len({p.texts["pid"] for p in pages}) == 1
+    answers = [None] * len(pages)
+    opened = contextlib.ExitStack()
+    sockets = [opened.enter_context(p.ws()) for p in pages]  # all connected first, then all click at once
+
+    def tab(i):
+        try:
+            answers[i] = click(sockets[i], pages[i], "nap")
+        except Exception as exc:  # reported by the assertion below
+            answers[i] = {"exception": repr(exc)}
+
+    threads = [threading.Thread(target=tab, args=(i,)) for i in range(len(pages))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        opened.close()
+    # the last one waited for four others (3.2 s, past the worker's 1 + 2 s backstop), legally
+    assert sorted(texts_of(a).get("naps", "") for a in answers) == ["1", "2", "3", "4", "5"], answers
+
+
 def test_a_process_stuck_past_its_timeout_is_killed_by_the_worker(server, new_client):
     c = new_client()
     page = Page(c, "/stuck")

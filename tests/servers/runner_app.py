@@ -93,6 +93,7 @@ PAGES = {
     "/quitter": page_of(apps.Quitter),
     "/loop": page_of(apps.LoopName),
     "/napper-http": page_of(apps.Napper, http_only=True),
+    "/long-nap": page_of(apps.LongNap, timeout_interaction=1),
     "/progress": page_of(apps.Progress),
     "/flash": page_of(apps.Flash),
     "/bad-render": page_of(apps.BadRender),
