@@ -764,3 +764,24 @@ def test_every_worker_waiting_for_a_starting_process_gets_its_answer_when_one_go
     assert recv_frame(third)["ok"] is True
     for s in (second, third, presence):
         s.close()
+
+
+def test_a_worker_that_comes_while_the_fork_server_stops_gets_a_new_one(runtime):
+    cfg = PoolConfig(runtime_dir=runtime, grace_seconds=0.3)
+
+    async def go():
+        first = ProcessPool(cfg)
+        old = await first.spawn("ef" * 10, "tests.apps:Lingerer", [[], {}], {}, OPTS)
+        old_zygote = (await first.stats())["pid"]
+        await first.aclose()  # the last worker goes (a restart): grace, then the zygote stops,
+        await anyio.sleep(0.6)  # and waits 1.5 s for its process to end
+        second = ProcessPool(cfg)  # the next worker comes meanwhile
+        try:
+            await second.ensure_zygote()
+            info = await second.spawn("ef" * 10, "tests.apps:Counter", [[], {}], {}, OPTS)
+            return old, old_zygote, info, (await second.stats())["pid"]
+        finally:
+            await second.aclose()
+
+    old, old_zygote, info, new_zygote = anyio.run(go)
+    assert new_zygote != old_zygote and info["created"] and info["pid"] != old["pid"]

@@ -217,20 +217,41 @@ class ProcessPool:
                 return
             self._presence = None
             await self.drop_idle(_ZYGOTE)  # they may lead to a zygote on its way out
-            try:
-                stream = await self._zygote_connect()
-            except OSError:
-                await self._start_zygote()
-                stream = await self._zygote_connect()
+            deadline = time.monotonic() + 15.0
+            started = False
+            while True:
+                try:
+                    stream, reply = await self._hello()
+                    break
+                except (*_STREAM_ERRORS, TimeoutError, ProtocolError) as exc:
+                    # None answers, or one is on its way out: it stops listening first and
+                    # lets its lock go once its processes are gone (a few seconds at most);
+                    # until then a new one finds it there and steps aside (EXISTS).
+                    if time.monotonic() > deadline:
+                        raise ProcessStartError(f"no fork server answers in {self._runtime}: {exc!r}") from exc
+                    if started:
+                        await anyio.sleep(0.2)
+                    await self._start_zygote()
+                    started = True
+            self._presence = stream
+            self._presence_pid = int(reply.get("pid", 0))
+            if self._apps:
+                await self._preload(sorted(self._apps))
+
+    async def _hello(self) -> Tuple[SocketStream, Dict[str, Any]]:
+        """A connection to the zygote that has answered our hello, and its answer."""
+        stream = await self._zygote_connect()
+        try:
             rx = BufferedByteReceiveStream(stream)
             with anyio.fail_after(10):
                 await stream.send(wire.encode({"op": "hello"}))
                 header = await rx.receive_exactly(wire.HEADER_SIZE)
                 reply = wire.decode_payload(await rx.receive_exactly(wire.decode_length(header)))
-            self._presence = stream
-            self._presence_pid = int(reply.get("pid", 0))
-            if self._apps:
-                await self._preload(sorted(self._apps))
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+        return stream, reply
 
     async def _drop_presence(self) -> None:
         await self.drop_idle(_ZYGOTE)

@@ -612,7 +612,10 @@ class Zygote:
         self.lock_files = []
 
     def shutdown(self) -> None:
-        """Terminate every child we started, wait a bounded time, then kill the rest."""
+        """Stop listening (a worker that comes now finds no one and starts a new fork
+        server once our lock is free), terminate every child we started, wait a bounded
+        time, then kill the rest."""
+        self._close_listener()
         pending = dict(self.by_pidfd)
         for child in pending.values():
             try:
@@ -633,6 +636,9 @@ class Zygote:
                 pass
             self._on_exit(child.pidfd)
         self._drop_forker()
+        logger.info("zygote %s stopped", os.getpid())
+
+    def _close_listener(self) -> None:
         path = os.path.join(self.runtime_dir, "zygote.s")
         try:
             if self.listener is not None and os.stat(path).st_ino == self.sock_inode:
@@ -646,7 +652,6 @@ class Zygote:
                 pass
             self.listener.close()
             self.listener = None
-        logger.info("zygote %s stopped", os.getpid())
 
 
 def _stamp(path: str) -> Any:
