@@ -4,7 +4,10 @@ The key is agreed per page with ECDH on P-256: the page makes a key pair with We
 sends its public key; the per-session process answers with its own; both derive the same
 AES key with HKDF-SHA256 (salt: the page's token). Nothing secret is ever printed into the
 page. Each direction has its own associated data, so a frame cannot be reflected back, and
-the page numbers its frames, so an old frame cannot be replayed.
+both ends number what they send (``{"n": seq, "o": payload}`` inside the envelope), so an
+old frame cannot be replayed to either. The agreement itself is not authenticated: parano
+keeps the payloads from whoever only sees the traffic (a proxy that logs, a TLS
+terminator), not from one who rewrites it from the page's first frame on.
 
 Envelope (base64 of): 12-byte nonce || ciphertext || 16-byte GCM tag.
 """
@@ -29,13 +32,15 @@ MAX_ENVELOPE_CHARS = 16 * 1024 * 1024
 
 
 class PageKey:
-    """The AES key of one page, and the replay counter of what that page sent."""
+    """The AES key of one page, the replay counter of what that page sent, and the number
+of what was sent to it."""
 
-    __slots__ = ("_key", "last_seq")
+    __slots__ = ("_key", "last_seq", "sent_seq")
 
     def __init__(self, key: bytes) -> None:
         self._key = key
         self.last_seq = 0
+        self.sent_seq = 0
 
     def __repr__(self) -> str:
         return "PageKey(<hidden>)"
@@ -60,11 +65,12 @@ class PageKey:
         return cls(key), pub  # type: ignore[arg-type]
 
     def seal(self, obj: Any) -> str:
-        """Encrypt ``obj`` (JSON) for the page."""
+        """Encrypt ``obj`` (JSON) for the page, numbered: the page refuses a number twice."""
+        self.sent_seq += 1
         nonce = get_random_bytes(12)
         cipher = AES.new(self._key, AES.MODE_GCM, nonce=nonce)
         cipher.update(AAD_TO_PAGE)
-        ct, tag = cipher.encrypt_and_digest(json.dumps(obj, separators=(",", ":")).encode())
+        ct, tag = cipher.encrypt_and_digest(json.dumps({"n": self.sent_seq, "o": obj}, separators=(",", ":")).encode())
         return base64.b64encode(nonce + ct + tag).decode()
 
     def open(self, envelope: Any) -> Dict[str, Any]:

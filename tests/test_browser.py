@@ -246,3 +246,63 @@ def test_a_page_refused_at_every_reconnect_backs_off_then_stops_and_says_so(make
     assert tries == 4, f"{tries} reconnects, each refused after it opened (the blip was the first close)"
     page.wait_for_timeout(1500)
     assert page.evaluate("window.__socks.length") - 1 == tries, "and no more after that"
+
+
+def test_parano_page_refuses_a_replayed_frame_and_a_second_key_agreement(server, page):
+    """Through a proxy between the page and the server (Playwright's websocket routing):
+    an old sealed answer replayed to the page is refused, and a clear "hello" sent later
+    (an attempt to re-key the page to the proxy's key) is ignored."""
+    import base64
+    import json
+    import time
+
+    from Crypto.Cipher import AES
+    from Crypto.Hash import SHA256
+    from Crypto.Protocol.DH import key_agreement
+    from Crypto.Protocol.KDF import HKDF
+    from Crypto.PublicKey import ECC
+
+    state = {"to_page": [], "page_pub": None, "route": None}
+
+    def proxy(ws):
+        upstream = ws.connect_to_server()
+        state["route"] = ws
+
+        def up(m):
+            o = json.loads(m)
+            if "hello" in o:
+                state["page_pub"] = o["hello"]
+            upstream.send(m)
+
+        def down(m):
+            state["to_page"].append(m)
+            ws.send(m)
+
+        ws.on_message(up)
+        upstream.on_message(down)
+
+    page.route_web_socket("**/_htag/**", proxy)
+    page.goto(server.url + "/parano")
+    value_id = page.get_attribute(sel("value"), "id")
+    page.click(sel("inc"))
+    page.wait_for_selector(f"{sel('value')}:text-is('1')")
+    first_answer = state["to_page"][-1]
+    page.click(sel("inc"))
+    page.wait_for_selector(f"{sel('value')}:text-is('2')")
+    state["route"].send(first_answer)  # replayed: it would set the value back to 1
+    page.wait_for_selector("#asgi-htag-notice:has-text('replayed')")
+    assert page.text_content(sel("value")) == "2"
+    # a clear hello with the proxy's key, then a frame sealed with the key it would give
+    token = page.evaluate("__asgi_htag.cfg.token")
+    mine = ECC.generate(curve="P-256")
+    state["route"].send(json.dumps({"asgi_htag": "hello", "pub": base64.b64encode(mine.public_key().export_key(format="raw")).decode()}))
+    peer = ECC.import_key(base64.b64decode(state["page_pub"]), curve_name="P-256")
+    key = HKDF(key_agreement(static_priv=mine, static_pub=peer, kdf=lambda x: x), 32, token.encode(), SHA256,
+               context=b"asgi_htag parano v1")
+    cipher = AES.new(key, AES.MODE_GCM, nonce=bytes(12))
+    cipher.update(b"asgi_htag s2c")
+    forged = {"n": 10**6, "o": {"update": {value_id: f'<span data-test="value" id="{value_id}">INJECTED</span>'}}}
+    ct, tag = cipher.encrypt_and_digest(json.dumps(forged).encode())
+    state["route"].send(json.dumps({"p": base64.b64encode(bytes(12) + ct + tag).decode()}))
+    time.sleep(0.5)
+    assert page.text_content(sel("value")) == "2", "the page kept the key it agreed"

@@ -25,6 +25,7 @@ class PageSide:
         self.page_id = secrets.token_urlsafe(18)
         self.key = None
         self.seq = 0
+        self.seen = set()  # numbers of the frames received
 
     def hello(self) -> str:
         pub = base64.b64encode(self.priv.public_key().export_key(format="raw")).decode()
@@ -47,14 +48,21 @@ class PageSide:
         blob = base64.b64decode(msg["p"])
         c = AES.new(self.key, AES.MODE_GCM, nonce=blob[:12])
         c.update(b"asgi_htag s2c")
-        return json.loads(c.decrypt_and_verify(blob[12:-16], blob[-16:]))
+        m = json.loads(c.decrypt_and_verify(blob[12:-16], blob[-16:]))
+        assert m["n"] not in self.seen, "a frame the page received before"
+        self.seen.add(m["n"])
+        return m["o"]
 
 
 def test_page_key_round_trip_and_refusals():
     page = PageSide("tok")
     key, server_pub = PageKey.agree(json.loads(page.hello())["hello"], b"tok")
     page.agree(server_pub)
-    assert page.open({"p": key.seal({"update": {"1": "x"}})}) == {"update": {"1": "x"}}
+    sealed = key.seal({"update": {"1": "x"}})
+    assert page.open({"p": sealed}) == {"update": {"1": "x"}}
+    with pytest.raises(AssertionError, match="received before"):
+        page.open({"p": sealed})  # what the page does with a replayed frame: numbered 1, 2, ...
+    assert page.open({"p": key.seal({"update": {}})}) == {"update": {}} and page.seen == {1, 2}
     frame = json.loads(page.seal({"id": 1, "method": "inc"}))
     assert key.open(frame["p"]) == {"id": 1, "method": "inc"}
     with pytest.raises(ProtocolError, match="replayed"):

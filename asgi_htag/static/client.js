@@ -8,6 +8,7 @@ var __asgi_htag = (function () {
   // --- parano: ECDH (P-256) key agreement per page, AES-256-GCM envelopes -------------
   var te = new TextEncoder(), td = new TextDecoder();
   var pageId = null, keyPair = null, aesKey = null, seq = 0, chain = Promise.resolve();
+  var seenTop = 0, seen = {};  // numbers of the frames received (answers to concurrent POSTs may cross)
   var keyReady = null, resolveKey = null;
   keyReady = new Promise(function (resolve) { resolveKey = resolve; });
   if (cfg.parano) {
@@ -54,7 +55,16 @@ var __asgi_htag = (function () {
     var blob = unb64(p);
     var plain = await crypto.subtle.decrypt({name: "AES-GCM", iv: blob.slice(0, 12), additionalData: te.encode("asgi_htag s2c")},
       aesKey, blob.slice(12));
-    return JSON.parse(td.decode(plain));
+    var m = JSON.parse(td.decode(plain));
+    if (!m || typeof m.n !== "number" || !m.hasOwnProperty("o")) throw new Error("malformed frame");
+    // each number once: a replayed frame is refused (a window of 1000 behind the highest)
+    if (m.n <= seenTop - 1000 || seen[m.n]) throw new Error("replayed frame refused");
+    seen[m.n] = true;
+    if (m.n > seenTop) {
+      for (var k in seen) if (+k <= m.n - 1000) delete seen[k];
+      seenTop = m.n;
+    }
+    return m.o;
   }
   // keep frames in order although WebCrypto is asynchronous
   function inOrder(fn) {
@@ -112,6 +122,7 @@ var __asgi_htag = (function () {
       if (window.error) window.error("SERVER ERROR: " + o.message);
       else notice(o.message, false);
     } else if (kind === "hello") {
+      if (aesKey || !keyPair) return true;  // one agreement per page, the one it asked for
       // not through inOrder: queued clicks wait on keyReady, which this resolves
       agree(o.pub).then(function () {
         resolveKey();
