@@ -143,3 +143,25 @@ def test_parano_http_only(server, new_client):
     intruder.page_id = side.page_id
     intruder.key = secrets.token_bytes(32)
     assert "refused" in page.post(None, raw=intruder.seal(page.call("inc")).encode()).json()["message"]
+
+
+@pytest.mark.server
+def test_a_connected_parano_page_keeps_its_key_however_many_pages_the_session_opens(server, new_client):
+    from websockets.sync.client import connect
+
+    c = new_client()
+    a = Page(c, "/parano")
+    side = PageSide(a.cfg["token"])
+    with connect(f"{a.ws_url()}&k={side.page_id}", additional_headers={"Cookie": a.cookie_header()}) as ws:
+        ws.send(side.hello())
+        side.agree(recv_json(ws)["pub"])
+        ws.send(side.seal(a.call("inc")))
+        assert texts_of(side.open(recv_json(ws)))["value"] == "1"
+        for _ in range(40):  # reloads and other tabs of the same app: a key each
+            b = Page(c, "/parano")
+            other = PageSide(b.cfg["token"])
+            with connect(f"{b.ws_url()}&k={other.page_id}", additional_headers={"Cookie": b.cookie_header()}) as wb:
+                wb.send(other.hello())
+                recv_json(wb)
+        ws.send(side.seal(a.call("inc")))
+        assert texts_of(side.open(recv_json(ws)))["value"] == "2", "the open tab still clicks"

@@ -30,7 +30,7 @@ from . import wire
 logger = logging.getLogger(__name__)
 
 _PAGE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
-_MAX_PAGE_KEYS = 32
+_MAX_PAGE_KEYS = 32  # keys of pages not connected now (http_only, closed tabs), least recently used go first
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 # (id(tag or generator), method name) pairs the page has been offered. One HRenderer per
@@ -407,10 +407,13 @@ class AppHost:
             return _page_error(str(exc))
         self.keys[page] = key
         self.keys.move_to_end(page)
-        while len(self.keys) > _MAX_PAGE_KEYS:
-            self.keys.popitem(last=False)
         if peer in self.subscribers:
             self.subscribers[peer] = page
+        if len(self.keys) > _MAX_PAGE_KEYS:
+            # least recently used first, but never the key of a page connected right now
+            live = set(self.subscribers.values())
+            for old in [p for p in self.keys if p not in live][: len(self.keys) - _MAX_PAGE_KEYS]:
+                del self.keys[old]
         return {"t": "hello"}, _json_bytes({"asgi_htag": "hello", "pub": pub})
 
     async def _interact_frame(
@@ -430,9 +433,11 @@ class AppHost:
         if "p" in obj:
             if not self.parano:
                 return _page_error("this app does not take encrypted interactions", 400)
-            key = self.keys.get(obj.get("k") if isinstance(obj.get("k"), str) else "")  # type: ignore[arg-type]
+            page = obj.get("k") if isinstance(obj.get("k"), str) else ""
+            key = self.keys.get(page)  # type: ignore[arg-type]
             if key is None:
                 return _page_error("no key agreed for this page; reload it")
+            self.keys.move_to_end(page)  # type: ignore[arg-type]
             try:
                 data = key.open(obj["p"])
             except ProtocolError as exc:
