@@ -44,7 +44,10 @@ _SIG_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 _COOKIE_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _COOKIE_PATH_RE = re.compile(r"/[\x21-\x3a\x3c-\x7e]*")  # visible ASCII except ';'
 _SAME_SITE = {"lax": "Lax", "strict": "Strict", "none": "None"}
-# A client may send our cookie several times (other paths, stale copies); try only a few.
+# A client may send our cookie several times (other paths, stale copies, or copies planted
+# from a sibling domain to hide the real one): up to this many are signature-checked (an
+# HMAC each), and only the few whose signature holds are looked up in the store.
+_MAX_COOKIE_VALUES = 64
 _MAX_COOKIE_CANDIDATES = 4
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
@@ -671,7 +674,7 @@ def _cookie_values(headers: Iterable[Tuple[bytes, bytes]], name: str) -> List[st
             if len(cookie_value) >= 2 and cookie_value[0] == cookie_value[-1] == '"':
                 cookie_value = cookie_value[1:-1]
             found.append(cookie_value)
-            if len(found) >= _MAX_COOKIE_CANDIDATES:
+            if len(found) >= _MAX_COOKIE_VALUES:
                 return found
     return found
 
@@ -797,10 +800,14 @@ class SessionMiddleware:
             await self._commit_after_accept(session, browser_sid)
 
     async def _load(self, scope: Scope) -> Session:
+        lookups = 0
         for value in _cookie_values(scope.get("headers") or (), self.cookie_name):
             sid = unsign_cookie(self._secret, value)
             if sid is None:
                 continue
+            lookups += 1
+            if lookups > _MAX_COOKIE_CANDIDATES:
+                break
             data = await self.store.load(sid)
             if data is not None:
                 return Session(self.store, sid=sid, data=data)

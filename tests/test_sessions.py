@@ -333,6 +333,16 @@ def test_many_junk_cookies_and_several_headers(app: SessionMiddleware) -> None:
     assert set_cookies(start) == []
 
 
+def test_planted_copies_of_the_cookie_do_not_hide_the_real_one(app: SessionMiddleware) -> None:
+    start, first = request(app, "/set/user/alice")
+    cookie = cookie_value(start)
+    # a browser sends longer-path cookies first: copies planted at a deeper path (say from a
+    # sibling subdomain) come before the real one
+    planted = "; ".join(f"{COOKIE}=planted{i}.{'A' * 43}" for i in range(20))
+    _, body = request(app, "/read", headers=[(b"cookie", f"{planted}; {COOKIE}={cookie}".encode())])
+    assert body == first
+
+
 def test_oversized_cookie_is_ignored(app: SessionMiddleware) -> None:
     _, body = request(app, "/read", cookie="A" * 10_000)
     assert body == {"sid": None, "data": {}}
