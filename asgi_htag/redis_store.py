@@ -8,6 +8,7 @@ import json
 import logging
 from typing import Any, Dict, Iterable, Optional
 
+from .exceptions import ConfigurationError
 from .sessions import DEFAULT_MAX_AGE_SECONDS, SessionStore, _check_max_age, _encode_changes
 
 logger = logging.getLogger(__name__)
@@ -23,6 +24,9 @@ class RedisStore(SessionStore):
         url: a redis URL, e.g. ``redis://127.0.0.1:6379/0``.
         max_age_seconds: idle lifetime of a session.
         prefix: prefix of the Redis keys.
+
+    It runs on asyncio only (``redis.asyncio``); its first use under trio raises a
+    ConfigurationError that says so.
 
     Raises:
         ConfigurationError: ``max_age_seconds`` is not a positive number.
@@ -43,6 +47,14 @@ class RedisStore(SessionStore):
     def _redis(self) -> Any:
         if self._client is None:
             import redis.asyncio
+            import sniffio
+
+            backend = sniffio.current_async_library()
+            if backend != "asyncio":  # redis.asyncio needs asyncio's loop; it would fail obscurely
+                raise ConfigurationError(
+                    f"RedisStore works on asyncio (uvicorn, gunicorn's uvicorn workers, hypercorn's "
+                    f"asyncio worker), not on {backend}: use SQLiteStore there"
+                )
 
             self._client = redis.asyncio.Redis.from_url(self.url, decode_responses=True)
         return self._client

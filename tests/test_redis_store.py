@@ -75,3 +75,15 @@ def test_runner_sessions_in_redis(make_server, redis_url):
         assert c.get("/get").json()["from_app"] == "written-by-app"
     # and the data really is in Redis, not in the SQLite file
     assert not (srv.state_dir / "sessions.sqlite3").exists()
+
+
+def test_redis_store_under_trio_says_it_needs_asyncio():
+    from asgi_htag.exceptions import ConfigurationError
+
+    store = RedisStore("redis://127.0.0.1:1/0")  # never reached: refused before connecting
+
+    async def use():
+        await store.load("x" * 32)
+
+    with pytest.raises(ConfigurationError, match="asyncio"):
+        anyio.run(use, backend="trio")
