@@ -419,8 +419,10 @@ class Engine:
             await _send_json(send, 200, _GONE)
             return
         diff = reply.get("diff")
-        if diff:
-            await session.apply_changes(diff.get("set") or {}, diff.get("del") or [])
+        if diff and not await session.apply_changes(diff.get("set") or {}, diff.get("del") or [], create=False):
+            logger.info("session %s is gone (a logout): its page's write is dropped", session.sid[:6])
+            await _send_json(send, 200, _GONE)
+            return
         await _send_response(send, int(reply.get("status") or 200), out, "application/json")
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send, app_id: str) -> None:
@@ -550,8 +552,15 @@ class Engine:
                         while True:
                             frame, out = await conn.receive_frame()
                             diff = frame.get("diff")
-                            if diff:
-                                await session.apply_changes(diff.get("set") or {}, diff.get("del") or [])
+                            if diff and not await session.apply_changes(
+                                diff.get("set") or {}, diff.get("del") or [], create=False
+                            ):
+                                # the session was deleted (a logout) or expired: the app's write
+                                # must not bring it back; the page reloads into the current one
+                                logger.info("session %s is gone (a logout): its page's write is dropped", short_sid)
+                                await ws_send(_GONE)
+                                await ws_close(4001)
+                                break
                             t = frame.get("t")
                             if t in ("actions", "error", "hello"):
                                 if pending:

@@ -16,6 +16,16 @@ logger = logging.getLogger(__name__)
 # a field that is always there, so an empty session still exists
 _MARK = "\x00asgi_htag"
 
+# apply_existing: KEYS[1] the session; ARGV: expiry (ms), n, n field/value pairs, fields to delete
+_APPLY_EXISTING = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local n = tonumber(ARGV[2])
+for i = 0, n - 1 do redis.call('HSET', KEYS[1], ARGV[3 + 2 * i], ARGV[4 + 2 * i]) end
+for i = 3 + 2 * n, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return redis.call('HGETALL', KEYS[1])
+"""
+
 
 class RedisStore(SessionStore):
     """Sessions in Redis.
@@ -93,6 +103,18 @@ class RedisStore(SessionStore):
             pipe.hgetall(key)
             results = await pipe.execute()
         return self._decode(results[-1]) or {}
+
+    async def apply_existing(self, sid: str, changed: Dict[str, Any], deleted: Iterable[str]) -> Optional[Dict[str, Any]]:
+        """See :meth:`SessionStore.apply_existing`: one Lua script, atomic in Redis."""
+        encoded, removed = _encode_changes(changed, deleted)
+        removed = [k for k in removed if k != _MARK and k not in encoded]
+        pairs = [x for item in encoded.items() for x in item]
+        flat = await self._redis().eval(
+            _APPLY_EXISTING, 1, self._key(sid), int(self.max_age_seconds * 1000), len(encoded), *pairs, *removed
+        )
+        if not flat:
+            return None
+        return self._decode(dict(zip(flat[::2], flat[1::2]))) or {}
 
     async def touch(self, sid: str) -> None:
         """See :meth:`SessionStore.touch`."""

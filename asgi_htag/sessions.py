@@ -114,6 +114,18 @@ class SessionStore(ABC):
             TypeError: a key is not a str or a value is not JSON-serializable.
         """
 
+    async def apply_existing(self, sid: str, changed: Dict[str, Any], deleted: Iterable[str]) -> Optional[Dict[str, Any]]:
+        """:meth:`apply` to a session that exists (not expired); a session deleted (a logout)
+        or expired is left alone and None returned. What the app processes write goes
+        through here: a page left open after a logout must not bring its session back.
+
+        This default reads, then applies: a store that can do both in one step overrides it
+        (the ones in asgi_htag do).
+        """
+        if await self.load(sid) is None:
+            return None
+        return await self.apply(sid, changed, deleted)
+
     @abstractmethod
     async def touch(self, sid: str) -> None:
         """Push back the expiry of an existing session (may skip if done recently)."""
@@ -164,9 +176,19 @@ class MemoryStore(SessionStore):
 
     async def apply(self, sid: str, changed: Dict[str, Any], deleted: Iterable[str]) -> Dict[str, Any]:
         """See :meth:`SessionStore.apply`."""
+        return self._apply(sid, changed, deleted, True)  # type: ignore[return-value]
+
+    async def apply_existing(self, sid: str, changed: Dict[str, Any], deleted: Iterable[str]) -> Optional[Dict[str, Any]]:
+        """See :meth:`SessionStore.apply_existing`."""
+        return self._apply(sid, changed, deleted, False)
+
+    def _apply(self, sid: str, changed: Dict[str, Any], deleted: Iterable[str], create: bool) -> Optional[Dict[str, Any]]:
         encoded, removed = _encode_changes(changed, deleted)
         # No await between read and write: atomic within the event loop.
-        data = self._live(sid) or {}
+        data = self._live(sid)
+        if data is None and not create:
+            return None
+        data = data or {}
         for key, text in encoded.items():
             data[key] = json.loads(text)
         for key in removed:
@@ -327,7 +349,7 @@ class SQLiteStore(SessionStore):
         self._remember(sid, row[1])
         return data
 
-    def _apply_sync(self, sid: str, encoded: Dict[str, str], deleted: List[str]) -> Dict[str, Any]:
+    def _apply_sync(self, sid: str, encoded: Dict[str, str], deleted: List[str], create: bool = True) -> Optional[Dict[str, Any]]:
         conn = self._writer
         assert conn is not None
         with self._write_lock:
@@ -336,6 +358,9 @@ class SQLiteStore(SessionStore):
                 conn.execute("BEGIN IMMEDIATE")
                 row = conn.execute("SELECT data, expires FROM sessions WHERE sid = ?", (sid,)).fetchone()
                 data = _decode_data(row[0]) if row is not None and row[1] > now else None
+                if data is None and not create:
+                    conn.execute("ROLLBACK")
+                    return None
                 data = data or {}
                 for key, text in encoded.items():
                     data[key] = json.loads(text)
@@ -363,7 +388,13 @@ class SQLiteStore(SessionStore):
         """See :meth:`SessionStore.apply`. Runs in a worker thread."""
         encoded, removed = _encode_changes(changed, deleted)
         await self._ready()
-        return await anyio.to_thread.run_sync(self._apply_sync, sid, encoded, removed, limiter=self._limiter())
+        return await anyio.to_thread.run_sync(self._apply_sync, sid, encoded, removed, limiter=self._limiter())  # type: ignore[return-value]
+
+    async def apply_existing(self, sid: str, changed: Dict[str, Any], deleted: Iterable[str]) -> Optional[Dict[str, Any]]:
+        """See :meth:`SessionStore.apply_existing`: one transaction. Runs in a worker thread."""
+        encoded, removed = _encode_changes(changed, deleted)
+        await self._ready()
+        return await anyio.to_thread.run_sync(self._apply_sync, sid, encoded, removed, False, limiter=self._limiter())
 
     def _touch_sync(self, sid: str) -> None:
         conn = self._writer
@@ -592,14 +623,31 @@ class Session(MutableMapping[str, Any]):
             await self.store.delete(self._doomed[0])
             self._doomed.pop(0)
 
-    async def apply_changes(self, changed: Dict[str, Any], deleted: Iterable[str]) -> None:
+    async def apply_changes(self, changed: Dict[str, Any], deleted: Iterable[str], *, create: bool = True) -> bool:
         """Apply a diff made elsewhere (e.g. by another process) to the store and to this
         mapping; this mapping's own pending changes to other keys stay pending.
+
+        With ``create=False`` a session that no longer exists in the store (deleted by a
+        logout, or expired) is left alone: nothing changes and False is returned.
 
         Raises:
             TypeError: a key is not a str or a value is not JSON-serializable.
         """
         encoded, removed = _encode_changes(changed, deleted)
+        if not create:
+            if self.sid is None:
+                return False
+            stored = await self.store.apply_existing(self.sid, changed, removed)
+            if stored is None:
+                return False
+            for key, text in encoded.items():
+                self._data[key] = json.loads(text)
+                self._baseline[key] = text
+            for key in removed:
+                self._data.pop(key, None)
+                self._baseline.pop(key, None)
+            self._rebase(stored)
+            return True
         for key, text in encoded.items():
             self._data[key] = json.loads(text)
             self._baseline[key] = text
@@ -610,6 +658,7 @@ class Session(MutableMapping[str, Any]):
         stored = await self.store.apply(sid, changed, removed)
         self._needs_create = False
         self._rebase(stored)
+        return True
 
 
 def _secret_bytes(secret: Union[Secret, str, bytes]) -> bytes:

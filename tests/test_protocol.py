@@ -138,6 +138,30 @@ def test_an_app_that_removes_the_only_session_key_keeps_its_session_and_its_page
     assert c.cookies.get("asgi_htag_session") == cookie, "the same session all along"
 
 
+def test_a_page_left_open_after_a_logout_cannot_bring_the_session_back(server, new_client):
+    import httpx
+
+    c = new_client()
+    assert c.get("/set?v=alice").text == "ok"
+    old_cookie = c.cookies.get("asgi_htag_session")
+    page = Page(c, "/state")
+    with page.ws() as ws, httpx.Client(base_url=str(c.base_url), cookies={"asgi_htag_session": old_cookie}) as thief:
+        assert c.get("/logout").text == "out"  # in another tab
+        assert thief.get("/get").json()["keys"] == []
+        ws.send(json.dumps(page.call("write")))  # the app writes to its (old) session
+        assert recv_json(ws)["asgi_htag"] == "gone", "the page is told, and reloads into the current session"
+        assert thief.get("/get").json()["keys"] == [], "the old session id stays dead"
+    # the same over http_only, where the POST carries the old cookie itself
+    c = new_client()
+    assert c.get("/set?v=bob").text == "ok"
+    old_cookie = c.cookies.get("asgi_htag_session")
+    page = Page(c, "/state-http")
+    assert c.get("/logout").text == "out"
+    c.cookies.set("asgi_htag_session", old_cookie)  # a tab that still sends it
+    assert page.post(page.call("write")).json()["asgi_htag"] == "gone"
+    assert c.get("/get").json()["keys"] == [], "the old session id stays dead"
+
+
 def test_hostile_frames_get_errors_and_nothing_breaks(server, new_client):
     page = Page(new_client(), "/")
     other = Page(new_client(), "/")

@@ -44,8 +44,11 @@ def test_store_semantics(redis_url):
             with pytest.raises(TypeError, match="'bad'"):
                 await a.apply("s1", {"bad": object()}, [])
             assert await a.load("s1") == {"x": 1, "y": {"z": True}}, "a refused change changes nothing"
+            assert await b.apply_existing("s1", {"w": "1"}, ["x"]) == {"y": {"z": True}, "w": "1"}
             await a.delete("s1")
             assert await b.load("s1") is None
+            assert await b.apply_existing("s1", {"w": "2"}, []) is None, "a deleted session stays deleted"
+            assert await a.load("s1") is None
             short = RedisStore(redis_url, max_age_seconds=0.2)
             await short.apply("s2", {"k": "v"}, [])
             for _ in range(100):  # Redis expires it by itself

@@ -20,6 +20,7 @@ from asgi_htag.sessions import (
     MemoryStore,
     Session,
     SessionMiddleware,
+    SessionStore,
     SQLiteStore,
     default_store,
     sign_sid,
@@ -706,6 +707,40 @@ def test_stores_validate_max_age(bad: Any, tmp_path: Path) -> None:
         MemoryStore(max_age_seconds=bad)
     with pytest.raises(ConfigurationError):
         SQLiteStore(tmp_path / "s.db", max_age_seconds=bad)
+
+
+class _ReadThenApply(MemoryStore):
+    """A store that does not override apply_existing: SessionStore's default is used."""
+
+    apply_existing = SessionStore.apply_existing  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "default"])
+def test_apply_existing_writes_to_live_sessions_only(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sid, gone, expired = "e" * 32, "g" * 32, "x" * 32
+
+    async def main() -> None:
+        store: SessionStore = {"memory": MemoryStore, "default": _ReadThenApply}[kind](max_age_seconds=60) if kind != "sqlite" \
+            else SQLiteStore(tmp_path / "s.db", max_age_seconds=60)
+        try:
+            await store.apply(sid, {"a": 1, "b": 2}, [])
+            assert await store.apply_existing(sid, {"c": 3}, ["a"]) == {"b": 2, "c": 3}
+            assert await store.load(sid) == {"b": 2, "c": 3}
+            await store.apply(gone, {"user": "alice"}, [])
+            await store.delete(gone)  # a logout
+            assert await store.apply_existing(gone, {"user": "alice"}, []) is None
+            assert await store.load(gone) is None, "a deleted session is not brought back"
+            assert await store.apply_existing("n" * 32, {"k": 1}, []) is None and await store.load("n" * 32) is None
+            await store.apply(expired, {"k": 1}, [])
+            later = sessions._now() + 61
+            monkeypatch.setattr(sessions, "_now", lambda: later)
+            assert await store.apply_existing(expired, {"k": 2}, []) is None
+            assert await store.load(expired) is None
+        finally:
+            monkeypatch.undo()
+            await store.close()
+
+    anyio.run(main)
 
 
 # -- SQLiteStore -------------------------------------------------------------------------

@@ -85,6 +85,7 @@ PAGES = {
     "/parano-pusher": page_of(apps.Pusher, parano=True),
     "/query": page_of("tests.apps:Query"),  # an app given by name
     "/state": page_of(apps.State),
+    "/state-http": page_of(apps.State, http_only=True),
     "/slow": page_of(apps.Slow, timeout_interaction=1),
     "/stuck": page_of(apps.Stuck, timeout_interaction=1),
     "/slow-init": page_of(apps.SlowInit, timeout_interaction=1),
@@ -108,6 +109,11 @@ PAGES = {
 async def set_value(request: Request):
     request.session["from_route"] = request.query_params.get("v", "")
     return PlainTextResponse("ok")
+
+
+async def logout(request: Request):
+    request.session.clear()
+    return PlainTextResponse("out")
 
 
 async def get_value(request: Request):
@@ -134,6 +140,7 @@ for path, route in PAGES.items():
     app.add_route(path, route)
 app.add_route("/set", set_value)
 app.add_route("/get", get_value)
+app.add_route("/logout", logout)
 app.add_route("/_stats", stats)
 app.add_route("/_gc", gc_state)
 app.add_route("/_backend", backend)
