@@ -102,6 +102,11 @@ def process_key(sid: str, app_id: str) -> str:
     return hashlib.sha256(f"{sid}\0{app_id}".encode()).hexdigest()[:20]
 
 
+def session_owner(sid: str) -> str:
+    """What the fork server knows of a session: a hash of its id, that tags its processes."""
+    return hashlib.sha256(f"owner\0{sid}".encode()).hexdigest()[:20]
+
+
 def url_to_init(query_string: str) -> List[Any]:
     """htag's rule: ``?john&age=12`` -> ``[["john"], {"age": "12"}]``."""
     from htag.runners.commons import url2ak
@@ -242,7 +247,15 @@ class Engine:
         return self._pool
 
     def session_middleware(self, app: Any) -> SessionMiddleware:
-        return SessionMiddleware(app, store=self.store, secret=self.secret)
+        return SessionMiddleware(app, store=self.store, secret=self.secret, on_drop=self._session_dropped)
+
+    async def _session_dropped(self, sid: str) -> None:
+        """A session was dropped (a logout's clear(), the old id of a regenerate_id()): its
+        processes are unreachable from now on, so they go instead of waiting for
+        timeout_inactivity (never, by default) and counting against max_processes."""
+        ended = await self.pool.end_owner(session_owner(sid))
+        if ended:
+            logger.info("session %s dropped: %s process(es) ended", sid[:6], ended)
 
     async def startup(self, refs: List[str]) -> None:
         for ref in refs:
@@ -305,7 +318,7 @@ class Engine:
         pool.register_app(ref)
         for attempt in (1, 2):
             try:
-                info = await pool.spawn(key, ref, init, dict(session), asdict(opts))
+                info = await pool.spawn(key, ref, init, dict(session), asdict(opts), session_owner(sid))
             except PoolFull:
                 logger.warning("refusing a new process for session %s: pool is full", sid[:6])
                 return 503, _error_page("The server is busy", "Too many users right now. Please try again later.")
@@ -384,6 +397,15 @@ class Engine:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_message_bytes:
+                # Read the rest (up to a bound) before answering: a server that closes with
+                # unread data resets the connection, and the client may never see the 413.
+                left = 16 * self.max_message_bytes
+                while more and left > 0:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    left -= len(message.get("body", b""))
+                    more = message.get("more_body", False)
                 await _send_json(send, 413, {"asgi_htag": "error", "message": "interaction too large"})
                 return
         session = self.session_of(scope)

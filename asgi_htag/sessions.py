@@ -22,7 +22,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, MutableMapping, Optional, Set, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, Iterable, Iterator, List, Mapping, MutableMapping, Optional, Set, Tuple, Union
 
 import anyio
 import anyio.to_thread
@@ -750,6 +750,7 @@ class SessionMiddleware:
         path: str = "/",
         same_site: str = "lax",
         https_only: Optional[bool] = None,
+        on_drop: Optional[Callable[[str], Awaitable[None]]] = None,
     ) -> None:
         """
         Args:
@@ -762,6 +763,9 @@ class SessionMiddleware:
             same_site: ``"lax"``, ``"strict"`` or ``"none"`` (``"none"`` implies ``Secure``).
             https_only: add ``Secure`` always (True), never (False) or when the request came
                 over https/wss (None).
+            on_drop: awaited with each session id this middleware deletes from the store
+                (after ``clear()`` or ``invalidate()``, and the old id of ``regenerate_id()``),
+                once it is deleted; what it raises is logged, not raised.
 
         Raises:
             ConfigurationError: an argument is missing, malformed or out of range.
@@ -798,6 +802,9 @@ class SessionMiddleware:
         self.path = path
         self.same_site = same_site_attr
         self.https_only = True if same_site_attr == "None" else https_only
+        if on_drop is not None and not callable(on_drop):
+            raise ConfigurationError("on_drop must be an async callable taking a session id")
+        self.on_drop = on_drop
 
     def __repr__(self) -> str:
         return f"SessionMiddleware(app={self.app!r}, store={self.store!r}, cookie_name={self.cookie_name!r})"
@@ -887,7 +894,7 @@ class SessionMiddleware:
             session.invalidate()
         session.cleared = False
         wrote = session.modified
-        await session.commit()
+        await self._commit(session)
         if session.sid is not None and session.sid == browser_sid and not wrote:
             await self.store.touch(session.sid)
         if session.sid is not None and session.sid != browser_sid:
@@ -898,10 +905,20 @@ class SessionMiddleware:
             return self._cookie("", 0, secure), None
         return None, browser_sid
 
+    async def _commit(self, session: Session) -> None:
+        dropped = list(session._doomed)
+        await session.commit()
+        if self.on_drop is not None:
+            for sid in dropped:
+                try:
+                    await self.on_drop(sid)
+                except Exception:
+                    logger.exception("on_drop failed for session %s...", sid[:6])
+
     async def _commit_after_accept(self, session: Session, browser_sid: Optional[str]) -> None:
         if not session.modified:
             return
-        await session.commit()
+        await self._commit(session)
         if session.sid is not None and session.sid != browser_sid:
             logger.warning(
                 "session %s... was created or renamed after the websocket was accepted; the browser "

@@ -3,6 +3,7 @@ HTTP and websocket clients, one OS process per session."""
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -146,7 +147,7 @@ def test_a_page_left_open_after_a_logout_cannot_bring_the_session_back(server, n
     old_cookie = c.cookies.get("asgi_htag_session")
     page = Page(c, "/state")
     with page.ws() as ws, httpx.Client(base_url=str(c.base_url), cookies={"asgi_htag_session": old_cookie}) as thief:
-        assert c.get("/logout").text == "out"  # in another tab
+        assert c.get("/revoke").text == "revoked"  # deleted behind the middleware's back: the process stays
         assert thief.get("/get").json()["keys"] == []
         ws.send(json.dumps(page.call("write")))  # the app writes to its (old) session
         assert recv_json(ws)["asgi_htag"] == "gone", "the page is told, and reloads into the current session"
@@ -160,6 +161,28 @@ def test_a_page_left_open_after_a_logout_cannot_bring_the_session_back(server, n
     c.cookies.set("asgi_htag_session", old_cookie)  # a tab that still sends it
     assert page.post(page.call("write")).json()["asgi_htag"] == "gone"
     assert c.get("/get").json()["keys"] == [], "the old session id stays dead"
+
+
+def test_a_dropped_session_takes_its_processes_with_it(make_server):
+    import httpx
+
+    srv = make_server(env={"TEST_MAX_PROCESSES": "2"})
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert c.get("/set?v=a").text == "ok"
+        page = Page(c, "/state")
+        with page.ws() as ws:
+            assert c.get("/logout").text == "out"  # clear(): the session is dropped
+            assert recv_json(ws)["asgi_htag"] == "gone", "its open page is told, and reloads"
+        assert c.get("/set?v=b").text == "ok"  # a new session
+        assert Page(c, "/state").status == 200
+        assert c.get("/login").text == "in"  # regenerate_id(): the old id is dropped
+        # had they stayed, the two dropped sessions' processes would fill max_processes=2
+        for _ in range(50):
+            if len(c.get("/_stats").json()["pids"]) <= 1:
+                break
+            time.sleep(0.1)
+        with httpx.Client(base_url=srv.url, timeout=30) as newcomer:
+            assert Page(newcomer, "/").status == 200, "a new visitor still gets a process"
 
 
 def test_hostile_frames_get_errors_and_nothing_breaks(server, new_client):

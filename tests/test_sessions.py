@@ -397,6 +397,28 @@ def test_regenerate_id_moves_data_and_resends_cookie(app: SessionMiddleware, sto
     assert old == {"sid": None, "data": {}}
 
 
+def test_on_drop_hears_of_every_session_id_the_middleware_deletes(store: MemoryStore) -> None:
+    dropped: List[str] = []
+
+    async def on_drop(sid: str) -> None:
+        assert await store.load(sid) is None, "called once the row is gone"
+        dropped.append(sid)
+        if len(dropped) == 2:
+            raise RuntimeError("a failing hook is logged, not raised")
+
+    app = SessionMiddleware(raw_app, store=store, secret=SECRET, on_drop=on_drop)
+    start, first = request(app, "/set/user/ann")
+    cookie = cookie_value(start)
+    request(app, "/set/lang/fr", cookie=cookie)
+    assert dropped == [], "writes drop nothing"
+    start, second = request(app, "/regenerate", cookie=cookie)
+    assert dropped == [first["sid"]]
+    start, _ = request(app, "/clear", cookie=cookie_value(start))
+    assert "Max-Age=0" in set_cookies(start)[0] and dropped == [first["sid"], second["sid"]]
+    with pytest.raises(ConfigurationError):
+        SessionMiddleware(raw_app, store=store, secret=SECRET, on_drop="nope")  # type: ignore[arg-type]
+
+
 def test_invalidate_expires_cookie(app: SessionMiddleware, store: MemoryStore) -> None:
     start, first = request(app, "/set/user/dan")
     start, body = request(app, "/invalidate", cookie=cookie_value(start))

@@ -330,6 +330,7 @@ class ProcessPool:
         init: Any,
         session: Dict[str, Any],
         opts: Dict[str, Any],
+        owner: str = "",
     ) -> Dict[str, Any]:
         """The live process of ``key`` built from ``init`` (forked if absent or built from
         other query params). Returns ``{"pid", "token", "created"}``.
@@ -338,7 +339,7 @@ class ProcessPool:
             PoolFull: the host runs ``max_processes`` already.
             ProcessStartError: the app could not be started (crash, import error, timeout).
         """
-        msg = {"op": "spawn", "key": key, "app": app_ref, "init": init, "session": session, "opts": opts}
+        msg = {"op": "spawn", "key": key, "app": app_ref, "init": init, "session": session, "opts": opts, "owner": owner}
         reply = await self.zygote_request(msg, timeout=self.config.start_timeout_seconds + 10)
         if reply.get("error") == "stale":
             await self._drop_presence()
@@ -351,6 +352,12 @@ class ProcessPool:
 
     async def kill(self, key: str, pid: Optional[int] = None) -> None:
         await self.zygote_request({"op": "kill", "key": key, "pid": pid})
+
+    async def end_owner(self, owner: str) -> int:
+        """End (SIGTERM: they say bye to their pages) the processes spawned with ``owner``;
+        returns how many there were."""
+        reply = await self.zygote_request({"op": "kill_owner", "owner": owner})
+        return int(reply.get("ended") or 0)
 
     async def stats(self) -> Dict[str, Any]:
         return await self.zygote_request({"op": "stats"})

@@ -89,7 +89,7 @@ def load_app(ref: str, main_path: Optional[str]) -> type:
 
 
 class Child:
-    __slots__ = ("key", "pid", "pidfd", "token", "init", "ready", "ready_fd", "waiters", "deadline", "buf", "started", "timeout")
+    __slots__ = ("key", "pid", "pidfd", "token", "init", "ready", "ready_fd", "waiters", "deadline", "buf", "started", "timeout", "owner")
 
     def __init__(self, key: str, pid: int, pidfd: int, token: str, init: str, ready_fd: int, deadline: float) -> None:
         self.key = key
@@ -104,6 +104,7 @@ class Child:
         self.buf = b""
         self.started = time.monotonic()
         self.timeout = 0.0  # its timeout_interaction (the kernel timer that ends a slow start)
+        self.owner = ""  # a hash of its session's id: the session's processes end with it (kill_owner)
 
 
 class Zygote:
@@ -293,6 +294,13 @@ class Zygote:
             if child is not None and (msg.get("pid") in (None, child.pid)):
                 self._kill(child, signal.SIGKILL)
             self._reply(conn, {"ok": True})
+        elif op == "kill_owner":
+            # a session was dropped (logout, new id after a login): its processes say bye and go
+            owner = msg.get("owner")
+            ended = [c for c in list(self.children.values()) if owner and c.owner == owner]
+            for child in ended:
+                self._kill(child, signal.SIGTERM)
+            self._reply(conn, {"ok": True, "ended": len(ended)})
         elif op == "preload":
             errors = {}
             for ref in msg.get("apps") or []:
@@ -413,6 +421,8 @@ class Zygote:
             self.stamps[loaded_from] = _stamp(loaded_from)  # the forker imported it: watch it too
         child = Child(key, pid, pidfd, token, init, ready_r, time.monotonic() + self.start_timeout)
         child.timeout = float((spec["opts"] or {}).get("timeout_interaction") or 0)
+        owner = msg.get("owner")
+        child.owner = owner if isinstance(owner, str) and KEY_RE.match(owner) else ""
         child.waiters = [conn] + waiters
         self.children[key] = child
         self.by_pidfd[pidfd] = child

@@ -116,6 +116,19 @@ async def logout(request: Request):
     return PlainTextResponse("out")
 
 
+async def revoke(request: Request):
+    """The session's row deleted from the store directly (an admin tool, another host's
+    logout): unlike clear(), its processes are not told."""
+    await request.app.engine.store.delete(request.session.sid)
+    return PlainTextResponse("revoked")
+
+
+async def login(request: Request):
+    request.session["user"] = request.query_params.get("user", "alice")
+    request.session.regenerate_id()  # what to do after a login: the id seen before is worthless
+    return PlainTextResponse("in")
+
+
 async def get_value(request: Request):
     return JSONResponse({"from_app": request.session.get("from_app"), "keys": sorted(request.session.keys())})
 
@@ -141,6 +154,8 @@ for path, route in PAGES.items():
 app.add_route("/set", set_value)
 app.add_route("/get", get_value)
 app.add_route("/logout", logout)
+app.add_route("/login", login)
+app.add_route("/revoke", revoke)
 app.add_route("/_stats", stats)
 app.add_route("/_gc", gc_state)
 app.add_route("/_backend", backend)
