@@ -42,7 +42,7 @@ from .config import (
 from .exceptions import ConfigurationError, PoolFull, ProcessGone, ProcessStartError, ProtocolError
 from .process import wire
 from .process.pool import PoolConfig, ProcessPool
-from .sessions import Session, SessionMiddleware, SessionStore, default_store
+from .sessions import MemoryStore, Session, SessionMiddleware, SessionStore, default_store
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,12 @@ class Engine:
       wake-up (two CPU-bound programs on 2 cores: one session's median click 8 ms in two
       rounds of three, against 0.23-0.26 ms without it).
 
-    Mounted apps leave the host app's process alone."""
+    Mounted apps leave the host app's process alone.
+
+    ``session_cookie``: the session cookie's attributes, as :class:`SessionMiddleware`
+    takes them: ``cookie_name``, ``max_age_seconds``, ``path``, ``same_site`` and
+    ``https_only`` (e.g. ``{"https_only": True}`` behind a TLS proxy whose
+    ``X-Forwarded-Proto`` the server does not trust, so the cookie is still ``Secure``)."""
 
     def __init__(
         self,
@@ -192,6 +197,7 @@ class Engine:
         gc_freeze: bool = True,
         process_batch_scheduling: bool = True,
         worker_batch_scheduling: Union[bool, str] = False,
+        session_cookie: Optional[Dict[str, Any]] = None,
     ) -> None:
         if max_processes < 1:
             raise ConfigurationError("max_processes must be >= 1")
@@ -202,6 +208,14 @@ class Engine:
             raise ConfigurationError(
                 f"worker_batch_scheduling must be True, False or 'auto', got {worker_batch_scheduling!r}"
             )
+        self.session_cookie = dict(session_cookie or {})
+        unknown = set(self.session_cookie) - _COOKIE_OPTIONS
+        if unknown:
+            raise ConfigurationError(
+                f"session_cookie takes {', '.join(sorted(_COOKIE_OPTIONS))}; not {', '.join(sorted(unknown))}"
+            )
+        # the middleware checks the values: now, not at the first request
+        SessionMiddleware(_send_nothing, store=MemoryStore(), secret=b"x" * 32, **self.session_cookie)
         self.state_dir = Path(state_dir).absolute() if state_dir else default_state_dir()
         self.runtime_dir = Path(runtime_dir).absolute() if runtime_dir else default_runtime_dir(self.state_dir)
         self._secret_arg = secret
@@ -247,7 +261,9 @@ class Engine:
         return self._pool
 
     def session_middleware(self, app: Any) -> SessionMiddleware:
-        return SessionMiddleware(app, store=self.store, secret=self.secret, on_drop=self._session_dropped)
+        return SessionMiddleware(
+            app, store=self.store, secret=self.secret, on_drop=self._session_dropped, **self.session_cookie
+        )
 
     async def _session_dropped(self, sid: str) -> None:
         """A session was dropped (a logout's clear(), the old id of a regenerate_id()): its
@@ -656,6 +672,13 @@ class Engine:
                 load.finished(pending)  # answers that will not come to this websocket
             await conn.aclose()
             await ws_close(1000)
+
+
+_COOKIE_OPTIONS = {"cookie_name", "max_age_seconds", "path", "same_site", "https_only"}
+
+
+async def _send_nothing(scope: Scope, receive: Receive, send: Send) -> None:
+    """The app of the session middleware built only to check the cookie options."""
 
 
 _BACKSTOP_SECONDS = 2.0

@@ -64,7 +64,7 @@ class Runner(Starlette):
         **engine_options: ``state_dir``, ``runtime_dir``, ``secret``, ``store``,
             ``max_processes``, ``max_message_bytes``, ``allowed_origins``,
             ``process_loop``, ``gc_freeze``, ``process_batch_scheduling``,
-            ``worker_batch_scheduling``... (see Engine).
+            ``worker_batch_scheduling``, ``session_cookie``... (see Engine).
     """
 
     def __init__(

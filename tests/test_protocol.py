@@ -185,6 +185,18 @@ def test_a_dropped_session_takes_its_processes_with_it(make_server):
             assert Page(newcomer, "/").status == 200, "a new visitor still gets a process"
 
 
+def test_the_session_cookie_takes_the_attributes_it_is_given(make_server):
+    import httpx
+
+    srv = make_server(env={"TEST_SESSION_COOKIE": json.dumps({"https_only": True, "cookie_name": "myapp", "same_site": "strict"})})
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        page = Page(c, "/")
+        (cookie,) = page.response.headers.get_list("set-cookie")
+        assert cookie.startswith("myapp=") and "; Secure" in cookie and "SameSite=Strict" in cookie, cookie
+        with page.ws(cookie=cookie.split(";")[0]) as ws:  # (httpx keeps a Secure cookie from http URLs)
+            assert texts_of(click(ws, page, "inc"))["value"] == "1"
+
+
 def test_hostile_frames_get_errors_and_nothing_breaks(server, new_client):
     page = Page(new_client(), "/")
     other = Page(new_client(), "/")

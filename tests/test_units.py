@@ -42,6 +42,10 @@ def test_options_are_validated():
         Engine(max_processes=0)
     with pytest.raises(ConfigurationError):
         HtagASGI("tests.apps:Counter", max_message_bytes=10)
+    for bad in ({"secure": True}, {"same_site": "sometimes"}, {"cookie_name": "a b"}, {"max_age_seconds": 0},
+                {"path": "no-slash"}, {"https_only": "yes"}):
+        with pytest.raises(ConfigurationError):
+            Engine(session_cookie=bad)  # at construction, not at the first request
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
 """The Runner used by the server-level tests (served by a real uvicorn/gunicorn)."""
+import json
 import os
 
 from starlette.middleware import Middleware
@@ -62,6 +63,7 @@ app = Runner(
     gc_freeze=os.environ.get("TEST_GC_FREEZE", "1") == "1",
     process_batch_scheduling=os.environ.get("TEST_BATCH_SCHEDULING", "1") == "1",
     middleware=[Middleware(WorkerPid)],
+    session_cookie=json.loads(os.environ.get("TEST_SESSION_COOKIE", "{}")),
     **_options,
 )
 
