@@ -364,7 +364,7 @@ class Engine:
                     return 500, _error_page("Application error", "The application process did not render the page.")
                 continue
             self._apply_local(session, reply.get("diff"))
-            root = scope.get("root_path", "") or ""
+            root = scope.get(ROOT_PATH_KEY, scope.get("root_path", "")) or ""
             cfg = {
                 "mode": "http" if opts.http_only else "ws",
                 "ws": f"{root}/_htag/{app_id}/ws",
@@ -673,6 +673,9 @@ class Engine:
             await conn.aclose()
             await ws_close(1000)
 
+
+# set by a Runner on the scopes it serves: the root_path of its own /_htag/... routes
+ROOT_PATH_KEY = "asgi_htag.root_path"
 
 _COOKIE_OPTIONS = {"cookie_name", "max_age_seconds", "path", "same_site", "https_only"}
 

@@ -14,7 +14,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from ._types import Receive, Scope, Send
-from .app import AppOptions, Engine, app_reference
+from .app import ROOT_PATH_KEY, AppOptions, Engine, app_reference
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,12 @@ class Runner(Starlette):
             yield
         finally:
             await self.engine.shutdown()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # where this Runner's /_htag/... routes are: a page rendered by a route inside a
+        # Mount of this Runner has a longer root_path, but its interactions come here
+        scope[ROOT_PATH_KEY] = scope.get("root_path", "")
+        await super().__call__(scope, receive, send)
 
     async def handle(
         self,

@@ -197,6 +197,16 @@ def test_the_session_cookie_takes_the_attributes_it_is_given(make_server):
             assert texts_of(click(ws, page, "inc"))["value"] == "1"
 
 
+def test_a_page_served_from_a_mount_inside_the_runner_reaches_its_process(server, new_client):
+    c = new_client()
+    page = Page(c, "/admin/")
+    assert page.cfg["ws"].startswith("/_htag/") and page.cfg["post"].startswith("/_htag/"), page.cfg
+    with page.ws() as ws:
+        assert texts_of(click(ws, page, "inc"))["value"] == "1"
+    http = Page(c, "/admin/http")
+    assert texts_of(http.post(http.call("inc")).json())["value"] == "1"
+
+
 def test_hostile_frames_get_errors_and_nothing_breaks(server, new_client):
     page = Page(new_client(), "/")
     other = Page(new_client(), "/")

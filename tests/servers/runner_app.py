@@ -5,6 +5,7 @@ import os
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Mount, Route
 
 from asgi_htag import Runner
 from tests import apps
@@ -161,3 +162,5 @@ app.add_route("/revoke", revoke)
 app.add_route("/_stats", stats)
 app.add_route("/_gc", gc_state)
 app.add_route("/_backend", backend)
+# a route inside a Mount of the Runner: its page's interactions still go to the Runner's /_htag/
+app.router.routes.append(Mount("/admin", routes=[Route("/", page_of(apps.Counter)), Route("/http", page_of(apps.Counter, http_only=True))]))
