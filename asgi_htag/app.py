@@ -60,9 +60,10 @@ class AppOptions:
     debug: bool = False
     timeout_interaction: float = 60.0
     timeout_inactivity: float = 0.0
+    timeout_abandoned: float = 120.0
 
     def __post_init__(self) -> None:
-        if self.timeout_interaction < 0 or self.timeout_inactivity < 0:
+        if self.timeout_interaction < 0 or self.timeout_inactivity < 0 or self.timeout_abandoned < 0:
             raise ConfigurationError("timeouts are in seconds and must be >= 0 (0 disables them)")
 
 
@@ -759,6 +760,10 @@ class HtagASGI:
         timeout_interaction: seconds an interaction (or the instance creation) may run
             before its process is killed; 0 disables.
         timeout_inactivity: seconds without interaction after which a process exits; 0 = never.
+        timeout_abandoned: seconds a new process waits for its page to make contact (open
+            its websocket, or send an interaction) before it exits; 0 = forever. Clients
+            that run no JavaScript (crawlers, link previews) would otherwise hold a process
+            each, for ever by default, until max_processes turned everyone away.
         state_dir, runtime_dir, secret, store, max_processes, max_message_bytes,
         allowed_origins, zygote_grace_seconds, process_loop, gc_freeze,
         process_batch_scheduling, worker_batch_scheduling: see :class:`Engine`.
@@ -776,6 +781,7 @@ class HtagASGI:
         debug: bool = False,
         timeout_interaction: float = 60,
         timeout_inactivity: float = 0,
+        timeout_abandoned: float = 120,
         engine: Optional[Engine] = None,
         **engine_options: Any,
     ) -> None:
@@ -786,6 +792,7 @@ class HtagASGI:
             debug=debug,
             timeout_interaction=timeout_interaction,
             timeout_inactivity=timeout_inactivity,
+            timeout_abandoned=timeout_abandoned,
         )
         self.engine = engine or Engine(**engine_options)
         self._with_session: Optional[Any] = None

@@ -57,7 +57,8 @@ class Runner(Starlette):
         host, port: where :meth:`run` listens.
         debug: Python tracebacks in the page (and Starlette's debug mode).
         parano: encrypt every interaction and push payload (see asgi_htag.crypto).
-        http_only, timeout_interaction, timeout_inactivity: defaults for every app served;
+        http_only, timeout_interaction, timeout_inactivity, timeout_abandoned: defaults for
+            every app served (see HtagASGI);
             :meth:`handle` can override them per route.
         routes, middleware: more Starlette routes and middleware (they run inside the
             session middleware, so ``request.session`` is the apps' session).
@@ -78,6 +79,7 @@ class Runner(Starlette):
         http_only: bool = False,
         timeout_interaction: float = 60,
         timeout_inactivity: float = 0,
+        timeout_abandoned: float = 120,
         routes: Optional[Sequence[BaseRoute]] = None,
         middleware: Optional[Sequence[Middleware]] = None,
         **engine_options: Any,
@@ -91,6 +93,7 @@ class Runner(Starlette):
             debug=debug,
             timeout_interaction=timeout_interaction,
             timeout_inactivity=timeout_inactivity,
+            timeout_abandoned=timeout_abandoned,
         )
         self._refs: List[str] = []
         all_routes: List[BaseRoute] = [
@@ -138,6 +141,7 @@ class Runner(Starlette):
         debug: Optional[bool] = None,
         timeout_interaction: Optional[float] = None,
         timeout_inactivity: Optional[float] = None,
+        timeout_abandoned: Optional[float] = None,
     ) -> Response:
         """Render the page of ``obj`` (a Tag subclass or "module:Class") for this request;
         the keyword arguments override the Runner's defaults for this app."""
@@ -150,6 +154,7 @@ class Runner(Starlette):
                 debug=debug,
                 timeout_interaction=timeout_interaction,
                 timeout_inactivity=timeout_inactivity,
+                timeout_abandoned=timeout_abandoned,
             ).items()
             if v is not None
         }

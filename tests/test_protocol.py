@@ -363,6 +363,26 @@ def test_a_page_render_stuck_past_the_interaction_timeout_ends_its_process_and_a
     assert not os.path.exists(f"/proc/{first.texts['pid']}"), "the stuck process is gone"
 
 
+def test_a_process_whose_page_never_makes_contact_exits(server, new_client):
+    c = new_client()
+    crawled = Page(new_client(), "/abandon")  # timeout_abandoned=1: a client that runs no JavaScript
+    page = Page(c, "/abandon")
+    http = Page(c, "/abandon-http")
+    with page.ws() as ws:  # a browser's page connects at once
+        assert texts_of(click(ws, page, "inc"))["value"] == "1"
+        assert texts_of(http.post(http.call("inc")).json())["value"] == "1"  # http_only: its first click
+        for _ in range(100):
+            if crawled.texts["pid"] not in map(str, c.get("/_stats").json()["pids"]):
+                break
+            time.sleep(0.05)
+        pids = set(map(str, c.get("/_stats").json()["pids"]))
+        assert crawled.texts["pid"] not in pids, "the crawled page's process went"
+        assert page.texts["pid"] in pids and http.texts["pid"] in pids, "the pages in use stay"
+        time.sleep(1.2)
+        assert texts_of(click(ws, page, "inc"))["value"] == "2"
+        assert texts_of(http.post(http.call("inc")).json())["value"] == "2"
+
+
 def test_inactivity_timeout_ends_the_process(server, new_client):
     c = new_client()
     page = Page(c, "/inactive")

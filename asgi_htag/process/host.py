@@ -187,6 +187,8 @@ class AppHost:
         self.debug: bool = bool(opts.get("debug"))
         self.timeout_interaction: float = float(opts.get("timeout_interaction") or 0)
         self.timeout_inactivity: float = float(opts.get("timeout_inactivity") or 0)
+        self.timeout_abandoned: float = float(opts.get("timeout_abandoned") or 0)
+        self.contacted = False  # its page opened its websocket or sent an interaction
         self.max_frame_bytes: int = int(opts.get("max_frame_bytes") or wire.DEFAULT_MAX_FRAME_BYTES)
         self.session = SyncedSession(spec.get("session") or {})
         # subscribed connection -> the page id it speaks for (parano keys are per page)
@@ -245,6 +247,19 @@ class AppHost:
             return
         self._inactivity_handle = None
         self._inactive()
+
+    def await_contact(self) -> None:
+        """Exit if the page never makes contact (see timeout_abandoned): what rendered it
+        runs no JavaScript (a crawler, a link preview)."""
+        if self.timeout_abandoned > 0:
+            asyncio.get_running_loop().call_later(self.timeout_abandoned, self._check_contact)
+
+    def _check_contact(self) -> None:
+        if self.contacted or self.subscribers or self.lock.locked():
+            return
+        logger.info("process %s for %s exits: its page made no contact in %ss", os.getpid(), self.key[:8], self.timeout_abandoned)
+        self._bye_reason = "abandoned"
+        self.stopping.set()
 
     def _inactive(self) -> None:
         logger.info("process %s for %s exits after %ss without interaction", os.getpid(), self.key[:8], self.timeout_inactivity)
@@ -331,6 +346,7 @@ class AppHost:
 
     async def interact(self, data: Dict[str, Any], session: Optional[Dict[str, Any]]) -> Tuple[Dict[str, Any], Any]:
         """Run one (already decoded) interaction: ``(actions, session diff)``."""
+        self.contacted = True
         refusal = self._check_offered(data)
         if refusal:
             logger.warning("process %s: %s", os.getpid(), refusal)
@@ -468,6 +484,7 @@ class AppHost:
                     return {"t": "error", "message": "this app is served in http_only mode"}, None
                 page = frame.get("k") if isinstance(frame.get("k"), str) else None
                 self.subscribers[peer] = page
+                self.contacted = True
                 reply: Dict[str, Any] = {
                     "t": "subscribed",
                     "timeout_interaction": self.timeout_interaction,
@@ -570,6 +587,7 @@ async def serve(spec: Dict[str, Any], tag_class: type, client_js: str, ready_fd:
     os.close(ready_fd)
     inode = os.stat(path).st_ino
     host.touch()
+    host.await_contact()
     try:
         await host.stopping.wait()
         await host.say_bye()

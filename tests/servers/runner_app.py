@@ -106,6 +106,8 @@ PAGES = {
     "/inactive": page_of(apps.Counter, timeout_inactivity=1),
     "/inactive-ticker": page_of(apps.Ticker, timeout_inactivity=1),
     "/inactive-sleeper": page_of(apps.Sleeper, timeout_inactivity=1),
+    "/abandon": page_of(apps.Counter, timeout_abandoned=1),
+    "/abandon-http": page_of(apps.Counter, timeout_abandoned=1, http_only=True),
 }
 
 
