@@ -202,6 +202,10 @@ class Engine:
     ) -> None:
         if max_processes < 1:
             raise ConfigurationError("max_processes must be >= 1")
+        if max_message_bytes > wire.DEFAULT_MAX_FRAME_BYTES - 64 * 1024:
+            raise ConfigurationError(
+                f"max_message_bytes must be <= {wire.DEFAULT_MAX_FRAME_BYTES - 64 * 1024} (what a frame to a process can hold)"
+            )
         if max_message_bytes < 1024:
             raise ConfigurationError("max_message_bytes must be >= 1024")
         check_process_loop(process_loop)

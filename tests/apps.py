@@ -327,3 +327,28 @@ class LongNap(Napper):
         time.sleep(0.8)
         self.count += 1
         self.naps.clear(str(self.count))
+
+
+class Huge(Tag.body):
+    """Answers and pushes larger than a frame to the worker may be (16 MiB)."""
+
+    def init(self):
+        self <= Tag.button("big", _onclick=self.bind.big(), _data_test="big")
+        self <= Tag.button("bigpush", _onclick=self.bind.bigpush(), _data_test="bigpush")
+        self <= Tag.button("small", _onclick=self.bind.small(), _data_test="small")
+        self.out = Tag.span("", _data_test="out")
+        self.pushed = Tag.span("", _data_test="pushed")
+        self <= self.out
+        self <= self.pushed
+
+    def big(self):
+        self.out.clear("x" * (17 * 1024 * 1024))
+
+    async def bigpush(self):
+        self.out.clear("y" * (17 * 1024 * 1024))
+        ok = await self.out.update()
+        self.out.clear("")
+        self.pushed.clear(str(ok))
+
+    def small(self):
+        self.out.clear("small")

@@ -207,6 +207,15 @@ def test_a_page_served_from_a_mount_inside_the_runner_reaches_its_process(server
     assert texts_of(http.post(http.call("inc")).json())["value"] == "1"
 
 
+def test_an_answer_or_a_push_too_large_to_relay_is_refused_and_the_process_lives_on(server, new_client):
+    page = Page(new_client(), "/huge")
+    with page.ws() as ws:
+        msg = click(ws, page, "big")
+        assert msg["asgi_htag"] == "error" and "too large" in msg["message"], msg
+        assert texts_of(click(ws, page, "bigpush"))["pushed"] == "False", "update() says it was not delivered"
+        assert texts_of(click(ws, page, "small"))["out"] == "small", "the same process goes on"
+
+
 def test_hostile_frames_get_errors_and_nothing_breaks(server, new_client):
     page = Page(new_client(), "/")
     other = Page(new_client(), "/")

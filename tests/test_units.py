@@ -42,6 +42,8 @@ def test_options_are_validated():
         Engine(max_processes=0)
     with pytest.raises(ConfigurationError):
         HtagASGI("tests.apps:Counter", max_message_bytes=10)
+    with pytest.raises(ConfigurationError):
+        Engine(max_message_bytes=32 * 1024 * 1024)  # more than a frame to a process can hold
     for bad in ({"secure": True}, {"same_site": "sometimes"}, {"cookie_name": "a b"}, {"max_age_seconds": 0},
                 {"path": "no-slash"}, {"https_only": "yes"}):
         with pytest.raises(ConfigurationError):

@@ -24,7 +24,7 @@ import re
 from collections import OrderedDict, deque
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
-from ..exceptions import ProtocolError
+from ..exceptions import FrameTooLarge, ProtocolError
 from . import wire
 
 logger = logging.getLogger(__name__)
@@ -279,15 +279,19 @@ class AppHost:
         plain: Optional[bytes] = None
         delivered = False
         for peer, page in list(self.subscribers.items()):
-            if self.parano:
-                key = self.keys.get(page or "")
-                if key is None:
-                    continue  # this page has not agreed a key yet: it gets nothing in clear
-                data = wire.encode(meta, self.max_frame_bytes, raw=_json_bytes({"p": key.seal(actions)}))
-            else:
-                if plain is None:
-                    plain = wire.encode(meta, self.max_frame_bytes, raw=_json_bytes(actions))
-                data = plain
+            try:
+                if self.parano:
+                    key = self.keys.get(page or "")
+                    if key is None:
+                        continue  # this page has not agreed a key yet: it gets nothing in clear
+                    data = wire.encode(meta, self.max_frame_bytes, raw=_json_bytes({"p": key.seal(actions)}))
+                else:
+                    if plain is None:
+                        plain = wire.encode(meta, self.max_frame_bytes, raw=_json_bytes(actions))
+                    data = plain
+            except FrameTooLarge as exc:  # update() returns False: nothing was delivered
+                logger.error("process %s: a push not sent: %s", os.getpid(), exc)
+                return False
             try:
                 peer.write(data)
                 await peer.drain()
@@ -396,10 +400,16 @@ class AppHost:
                     return
                 reply, out = await self._dispatch(frame, raw, peer)
                 if reply is not None:
-                    if reply.get("diff", 0) is None and reply.get("t") == "actions":
-                        peer.write(wire.encode_json(wire.ACTIONS_META, self.max_frame_bytes, raw=out))
-                    else:
-                        peer.write(wire.encode(reply, self.max_frame_bytes, raw=out))
+                    try:
+                        if reply.get("diff", 0) is None and reply.get("t") == "actions":
+                            data = wire.encode_json(wire.ACTIONS_META, self.max_frame_bytes, raw=out)
+                        else:
+                            data = wire.encode(reply, self.max_frame_bytes, raw=out)
+                    except FrameTooLarge as exc:  # the app's answer: the page is told, the process lives on
+                        logger.error("process %s: %s", os.getpid(), exc)
+                        reply, out = _page_error(f"the application's answer is too large to send ({exc})")
+                        data = wire.encode(reply, self.max_frame_bytes, raw=out)
+                    peer.write(data)
                     await peer.drain()
         except (ConnectionError, OSError):
             return

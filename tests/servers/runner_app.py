@@ -100,6 +100,7 @@ PAGES = {
     "/long-nap": page_of(apps.LongNap, timeout_interaction=1),
     "/progress": page_of(apps.Progress),
     "/flash": page_of(apps.Flash),
+    "/huge": page_of(apps.Huge),
     "/bad-render": page_of(apps.BadRender),
     "/holder": page_of(apps.Holder),
     "/holder-http": page_of(apps.Holder, http_only=True),
