@@ -227,7 +227,8 @@ class Engine:
         self._secret: Optional[Secret] = None
         self._store = store
         self.max_message_bytes = max_message_bytes
-        self.allowed_origins = [o.rstrip("/") for o in (allowed_origins or [])]
+        # compared as browsers send them: scheme and host in lower case
+        self.allowed_origins = [o.rstrip("/").lower() for o in (allowed_origins or [])]
         main = sys.modules.get("__main__")
         self.main_path = getattr(main, "__file__", None)
         if self.main_path:
@@ -307,7 +308,7 @@ class Engine:
         origin = _header(scope, b"origin")
         if origin is None:
             return True  # not a browser: cross-site hijacking needs one
-        origin = origin.rstrip("/")
+        origin = origin.rstrip("/").lower()
         if origin in self.allowed_origins:
             return True
         host = _header(scope, b"host")

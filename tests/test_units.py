@@ -90,6 +90,10 @@ def test_origin_check(origin, ok, tmp_path):
 def test_allowed_origins(tmp_path):
     engine = Engine(state_dir=tmp_path, allowed_origins=["https://app.example.org/"])
     assert engine.origin_ok(_scope("https://app.example.org"))
+    # written as people write them, compared as browsers send them (lower case)
+    engine = Engine(state_dir=tmp_path, allowed_origins=["https://App.Example.org"])
+    assert engine.origin_ok(_scope("https://app.example.org"))
+    assert not engine.origin_ok(_scope("https://app.example.org.evil.com"))
 
 
 def test_wire_round_trip_and_limits():
