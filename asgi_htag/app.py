@@ -226,6 +226,7 @@ class Engine:
         self._secret_arg = secret
         self._secret: Optional[Secret] = None
         self._store = store
+        self._owns_store = False  # the default store is ours to close; one given to us is not
         self.max_message_bytes = max_message_bytes
         # compared as browsers send them: scheme and host in lower case
         self.allowed_origins = [o.rstrip("/").lower() for o in (allowed_origins or [])]
@@ -257,6 +258,7 @@ class Engine:
     def store(self) -> SessionStore:
         if self._store is None:
             self._store = default_store(self.state_dir)
+            self._owns_store = True
         return self._store
 
     @property
@@ -302,6 +304,8 @@ class Engine:
     async def shutdown(self) -> None:
         if self._pool is not None:
             await self.pool.aclose()
+        if self._owns_store and self._store is not None:
+            await self._store.close()  # (it reopens if used again)
 
     # --- helpers ----------------------------------------------------------------------
     def origin_ok(self, scope: Scope) -> bool:

@@ -4,6 +4,7 @@ import json
 import struct
 from types import SimpleNamespace
 
+import anyio
 import pytest
 from htag import Tag
 
@@ -267,3 +268,27 @@ def test_session_process_connection_wakes_every_writer_waiting_for_a_drain():
         return [type(r).__name__ for r in results]
 
     assert asyncio.run(scenario()) == ["ConnectionResetError", "ConnectionResetError"]
+
+
+def test_engine_shutdown_closes_the_store_it_made_and_not_one_it_was_given(tmp_path):
+    from asgi_htag.sessions import MemoryStore, SQLiteStore
+
+    closed = []
+
+    class Given(MemoryStore):
+        async def close(self):
+            closed.append("given")
+
+    async def go():
+        own = Engine(state_dir=tmp_path / "a")
+        assert isinstance(own.store, SQLiteStore)
+        await own.store.apply("s" * 32, {"k": 1}, [])
+        assert own.store._writer is not None
+        await own.shutdown()
+        assert own.store._writer is None and own.store._reader is None, "its connections are closed"
+        given = Engine(state_dir=tmp_path / "b", store=Given())
+        _ = given.store
+        await given.shutdown()
+
+    anyio.run(go)
+    assert closed == []
