@@ -306,3 +306,18 @@ def test_parano_page_refuses_a_replayed_frame_and_a_second_key_agreement(server,
     state["route"].send(json.dumps({"p": base64.b64encode(bytes(12) + ct + tag).decode()}))
     time.sleep(0.5)
     assert page.text_content(sel("value")) == "2", "the page kept the key it agreed"
+
+
+def test_http_only_clicks_go_one_at_a_time_and_are_applied_in_order(server, page):
+    page.add_init_script("""
+      (function () { var f = window.fetch; window.__inflight = 0; window.__most = 0;
+        window.fetch = function () {
+          window.__inflight += 1; window.__most = Math.max(window.__most, window.__inflight);
+          return f.apply(this, arguments).finally(function () { window.__inflight -= 1; });
+        }; })();
+    """)
+    page.goto(server.url + "/napper-http")  # each click takes 0.2 s in the process
+    for _ in range(5):
+        page.click(sel("nap"))  # faster than the answers come
+    page.wait_for_selector(f"{sel('naps')}:text-is('5')")
+    assert page.evaluate("window.__most") == 1

@@ -200,6 +200,7 @@ var __asgi_htag = (function () {
     };
   }
 
+  var posting = Promise.resolve();
   async function post(o, raw) {
     var r;
     try {
@@ -225,7 +226,12 @@ var __asgi_htag = (function () {
         if (ws && ws.readyState === 1) ws.send(m); else queue.push(m);
       });
     }
-    if (cfg.mode === "http") return post(o);
+    if (cfg.mode === "http") {
+      // one POST at a time, as over the websocket: answers are applied in the order of the clicks
+      posting = posting.then(function () { return post(o); })
+        .catch(function () { notice("Cannot reach the server.", true); });
+      return posting;
+    }
     var m = JSON.stringify(o);
     if (ws && ws.readyState === 1) ws.send(m); else queue.push(m);
   };
