@@ -7,7 +7,8 @@ var __asgi_htag = (function () {
 
   // --- parano: ECDH (P-256) key agreement per page, AES-256-GCM envelopes -------------
   var te = new TextEncoder(), td = new TextDecoder();
-  var pageId = null, keyPair = null, aesKey = null, seq = 0, chain = Promise.resolve();
+  var pageId = null, aesKey = null, seq = 0, chain = Promise.resolve();
+  var httpChannel = {};  // what a hello sent over http_only is answered on (a socket, otherwise)
   var seenTop = 0, seen = {};  // numbers of the frames received (answers to concurrent POSTs may cross)
   var keyReady = null, resolveKey = null;
   keyReady = new Promise(function (resolve) { resolveKey = resolve; });
@@ -26,16 +27,17 @@ var __asgi_htag = (function () {
     for (var i = 0; i < s.length; i++) bytes[i] = s.charCodeAt(i);
     return bytes;
   }
-  async function myPublicKey() {
+  // a key pair for one hello, kept on the channel (socket) it is sent on
+  async function newHello() {
     if (!window.crypto || !crypto.subtle) throw new Error("parano mode needs a secure context (https or localhost)");
-    keyPair = await crypto.subtle.generateKey({name: "ECDH", namedCurve: "P-256"}, false, ["deriveBits"]);
-    return b64(await crypto.subtle.exportKey("raw", keyPair.publicKey));
+    var pair = await crypto.subtle.generateKey({name: "ECDH", namedCurve: "P-256"}, false, ["deriveBits"]);
+    return {pair: pair, pub: b64(await crypto.subtle.exportKey("raw", pair.publicKey))};
   }
-  async function agree(serverPub) {
+  async function agree(serverPub, pair) {
     var spub = await crypto.subtle.importKey("raw", unb64(serverPub), {name: "ECDH", namedCurve: "P-256"}, false, []);
-    var bits = await crypto.subtle.deriveBits({name: "ECDH", public: spub}, keyPair.privateKey, 256);
+    var bits = await crypto.subtle.deriveBits({name: "ECDH", public: spub}, pair.privateKey, 256);
     var hk = await crypto.subtle.importKey("raw", bits, "HKDF", false, ["deriveKey"]);
-    aesKey = await crypto.subtle.deriveKey(
+    return crypto.subtle.deriveKey(
       {name: "HKDF", hash: "SHA-256", salt: te.encode(cfg.token), info: te.encode("asgi_htag parano v1")},
       hk, {name: "AES-GCM", length: 256}, false, ["encrypt", "decrypt"]);
   }
@@ -96,7 +98,7 @@ var __asgi_htag = (function () {
   }
 
   // A control message from the server, not htag actions. Returns true if handled.
-  function control(o) {
+  function control(o, from) {
     if (!o || typeof o !== "object" || !o.hasOwnProperty("asgi_htag")) return false;
     var kind = o.asgi_htag;
     if (kind === "gone") {
@@ -122,9 +124,14 @@ var __asgi_htag = (function () {
       if (window.error) window.error("SERVER ERROR: " + o.message);
       else notice(o.message, false);
     } else if (kind === "hello") {
-      if (aesKey || !keyPair) return true;  // one agreement per page, the one it asked for
+      // only the answer to the hello sent on this channel, once, and while the page has no key
+      var pending = from && from.__hello;
+      if (!pending || aesKey) return true;
+      from.__hello = null;
       // not through inOrder: queued clicks wait on keyReady, which this resolves
-      agree(o.pub).then(function () {
+      agree(o.pub, pending).then(function (key) {
+        if (from !== ws && from !== httpChannel) return;  // its socket went meanwhile: the next one agrees
+        aesKey = key;
         resolveKey();
         flush();
         startOnce();
@@ -143,8 +150,8 @@ var __asgi_htag = (function () {
     else start();
   }
 
-  function deliver(o) {
-    if (control(o)) return;
+  function deliver(o, from) {
+    if (control(o, from)) return;
     if (cfg.parano) {
       if (!o || typeof o.p !== "string") return; // nothing is accepted in clear
       inOrder(async function () { action(await unseal(o.p)); });
@@ -164,15 +171,17 @@ var __asgi_htag = (function () {
     var url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + cfg.ws +
       "?t=" + encodeURIComponent(cfg.token) + (everOpened ? "&resync=1" : "") +
       (pageId ? "&k=" + pageId : "");
-    ws = new WebSocket(url);
+    var sock = ws = new WebSocket(url);
     ws.onopen = function () {
       openedAt = Date.now();  // the backoff starts over only once a connection has lasted
       everOpened = true;
       clearNotice();
       if (cfg.parano && !aesKey) {
-        var sock = ws;
-        myPublicKey().then(function (pub) { sock.send(JSON.stringify({hello: pub, k: pageId})); },
-                           function (e) { notice("Secure channel error: " + e, true); });
+        newHello().then(function (h) {
+          if (sock !== ws) return;
+          sock.__hello = h.pair;
+          sock.send(JSON.stringify({hello: h.pub, k: pageId}));
+        }, function (e) { notice("Secure channel error: " + e, true); });
         return; // interactions wait for the key (see control "hello")
       }
       flush();
@@ -181,7 +190,7 @@ var __asgi_htag = (function () {
     ws.onmessage = function (e) {
       var o;
       try { o = JSON.parse(e.data); } catch (err) { if (!cfg.parano) action(e.data); return; }
-      deliver(o);
+      deliver(o, sock);
     };
     ws.onclose = function (e) {
       ws = null;
@@ -201,7 +210,7 @@ var __asgi_htag = (function () {
   }
 
   var posting = Promise.resolve();
-  async function post(o, raw) {
+  async function post(o, raw, channel) {
     var r;
     try {
       r = await window.fetch(cfg.post + "?t=" + encodeURIComponent(cfg.token), {
@@ -214,7 +223,7 @@ var __asgi_htag = (function () {
     }
     var text = await r.text(), obj;
     try { obj = JSON.parse(text); } catch (e) { action(text); return; }
-    deliver(obj);
+    deliver(obj, channel);
   }
 
   window.interact = function (o) {
@@ -238,8 +247,10 @@ var __asgi_htag = (function () {
 
   if (cfg.mode === "http") {
     if (cfg.parano) {
-      myPublicKey().then(function (pub) { return post(null, JSON.stringify({hello: pub, k: pageId})); },
-                         function (e) { notice("Secure channel error: " + e, true); });
+      newHello().then(function (h) {
+        httpChannel.__hello = h.pair;
+        return post(null, JSON.stringify({hello: h.pub, k: pageId}), httpChannel);
+      }, function (e) { notice("Secure channel error: " + e, true); });
     } else {
       startOnce();
     }
