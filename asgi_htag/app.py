@@ -833,6 +833,7 @@ class HtagASGI:
             return
         if scope["type"] not in ("http", "websocket"):
             return
+        scope[ROOT_PATH_KEY] = scope.get("root_path", "")  # our /_htag/ routes, even inside a Runner
         if isinstance(scope.get("session"), Session):
             await self._dispatch(scope, receive, send)
             return

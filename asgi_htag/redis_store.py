@@ -56,15 +56,17 @@ class RedisStore(SessionStore):
 
     def _redis(self) -> Any:
         if self._client is None:
-            import redis.asyncio
-            import sniffio
+            import asyncio
 
-            backend = sniffio.current_async_library()
-            if backend != "asyncio":  # redis.asyncio needs asyncio's loop; it would fail obscurely
+            import redis.asyncio
+
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # redis.asyncio needs asyncio's loop; it would fail obscurely
                 raise ConfigurationError(
-                    f"RedisStore works on asyncio (uvicorn, gunicorn's uvicorn workers, hypercorn's "
-                    f"asyncio worker), not on {backend}: use SQLiteStore there"
-                )
+                    "RedisStore works on asyncio (uvicorn, gunicorn's uvicorn workers, hypercorn's "
+                    "asyncio worker), not on another event loop such as trio's: use SQLiteStore there"
+                ) from None
 
             self._client = redis.asyncio.Redis.from_url(self.url, decode_responses=True)
         return self._client

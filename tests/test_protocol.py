@@ -216,6 +216,19 @@ def test_an_answer_or_a_push_too_large_to_relay_is_refused_and_the_process_lives
         assert texts_of(click(ws, page, "small"))["out"] == "small", "the same process goes on"
 
 
+def test_an_htag_asgi_mounted_inside_a_runner_keeps_its_own_routes(make_server):
+    import httpx
+
+    srv = make_server("tests.servers.ui_in_runner:app")
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        page = Page(c, "/ui/")
+        assert page.cfg["ws"].startswith("/ui/_htag/"), page.cfg
+        with page.ws() as ws:
+            assert texts_of(click(ws, page, "inc"))["value"] == "1"
+        runner_page = Page(c, "/")
+        assert runner_page.cfg["ws"].startswith("/_htag/")
+
+
 def test_hostile_frames_get_errors_and_nothing_breaks(server, new_client):
     page = Page(new_client(), "/")
     other = Page(new_client(), "/")
