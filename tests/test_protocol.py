@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.client import Page, recv_json, texts_of
+from tests.conftest import pids_in_runtime
 
 pytestmark = pytest.mark.server
 
@@ -227,6 +228,29 @@ def test_an_htag_asgi_mounted_inside_a_runner_keeps_its_own_routes(make_server):
             assert texts_of(click(ws, page, "inc"))["value"] == "1"
         runner_page = Page(c, "/")
         assert runner_page.cfg["ws"].startswith("/_htag/")
+
+
+def test_processes_told_to_go_count_against_max_processes_until_they_are_gone(make_server):
+    import contextlib
+
+    import httpx
+
+    srv = make_server(env={"TEST_MAX_PROCESSES": "2"})
+    statuses = []
+    with contextlib.ExitStack() as stack:
+        for _ in range(4):
+            c = stack.enter_context(httpx.Client(base_url=srv.url, timeout=30))
+            page = Page(c, "/holder?3")  # each click holds its process 3 s
+            statuses.append(page.status)
+            if page.status != 200:
+                continue
+            ws = stack.enter_context(page.ws())
+            ws.send(json.dumps(page.call("hold")))  # busy: it cannot act on SIGTERM until the click ends
+            time.sleep(0.2)
+            assert c.get("/logout").text == "out"  # its session is dropped: it is told to go
+        assert statuses[:2] == [200, 200] and 503 in statuses[2:], statuses
+        live = pids_in_runtime(srv.runtime_dir)  # the worker, the zygote, the forker and the sessions
+        assert len(live) - 3 <= 2, f"never more session processes than max_processes: {live}"
 
 
 def test_hostile_frames_get_errors_and_nothing_breaks(server, new_client):

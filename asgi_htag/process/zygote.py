@@ -371,7 +371,9 @@ class Zygote:
             waiters = existing.waiters
             existing.waiters = []
             self._kill(existing, signal.SIGKILL)
-        if len(self.children) >= self.max_processes:
+        # every process not yet ended counts, those told to go (a dropped session's, busy in an
+        # interaction, may take until its timeout) included; not the one just replaced
+        if len(self.by_pidfd) - (existing is not None) >= self.max_processes:
             for w in [conn] + waiters:
                 self._reply(w, {"ok": False, "error": "full", "message": f"{self.max_processes} processes already run"})
             return
