@@ -454,8 +454,10 @@ class Engine:
             # the body goes to the process untouched: it parses and checks it (a process
             # that replaced a dead one answers "gone" to the old page's token)
             reply, out = await pool.exchange(conn, meta, bytes(body))
-        except ProcessGone:
-            await _send_json(send, 200, _dead_message(True))
+        except ProcessGone as exc:
+            # gone before this click (inactivity, a page that never made contact...): the page
+            # reloads into a new instance; gone during it: the user is told
+            await _send_json(send, 200, _GONE if getattr(exc, "missing", False) else _dead_message(True))
             return
         except ProtocolError:
             await _send_json(send, 502, {"asgi_htag": "error", "message": "the app process broke the protocol"})

@@ -321,3 +321,12 @@ def test_http_only_clicks_go_one_at_a_time_and_are_applied_in_order(server, page
         page.click(sel("nap"))  # faster than the answers come
     page.wait_for_selector(f"{sel('naps')}:text-is('5')")
     assert page.evaluate("window.__most") == 1
+
+
+def test_an_http_only_page_read_for_a_while_before_its_first_click_keeps_its_instance(server, page):
+    page.goto(server.url + "/abandon-http")  # timeout_abandoned=1: the page says it is there at load
+    pid = page.text_content(sel("pid"))
+    page.wait_for_timeout(1600)
+    page.click(sel("inc"))
+    page.wait_for_selector(f"{sel('value')}:text-is('1')")
+    assert page.text_content(sel("pid")) == pid

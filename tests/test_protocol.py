@@ -429,6 +429,25 @@ def test_a_process_whose_page_never_makes_contact_exits(server, new_client):
         assert texts_of(http.post(http.call("inc")).json())["value"] == "2"
 
 
+def test_http_only_pages_make_contact_at_load_and_a_process_gone_before_a_click_reloads_the_page(server, new_client):
+    from tests.test_parano import PageSide
+
+    c = new_client()
+    read_first = Page(c, "/abandon-http")  # timeout_abandoned=1, http_only
+    assert read_first.post(None, raw=b'{"contact": 1}').json() == {}  # what client.js sends at load
+    parano = Page(c, "/abandon-parano-http")
+    side = PageSide(parano.cfg["token"])
+    side.agree(parano.post(None, raw=side.hello().encode()).json()["pub"])  # its hello is its contact
+    silent = Page(new_client(), "/abandon-http")  # no contact
+    idle = Page(c, "/inactive-http")  # timeout_inactivity=1
+    assert texts_of(idle.post(idle.call("inc")).json())["value"] == "1"  # (its connection stays pooled)
+    time.sleep(1.6)  # the user reads before clicking
+    assert idle.post(idle.call("inc")).json()["asgi_htag"] == "gone", "the process went before the click"
+    assert texts_of(read_first.post(read_first.call("inc")).json())["value"] == "1"
+    assert texts_of(side.open(parano.post(None, raw=side.seal(parano.call("inc")).encode()).json()))["value"] == "1"
+    assert silent.post(silent.call("inc")).json()["asgi_htag"] == "gone", "reload, not 'the application stopped'"
+
+
 def test_inactivity_timeout_ends_the_process(server, new_client):
     c = new_client()
     page = Page(c, "/inactive")

@@ -454,7 +454,11 @@ class AppHost:
         if not isinstance(obj, dict):
             return _page_error("interaction must be a JSON object", 400)
         session = frame.get("session")
+        if "contact" in obj:  # an http_only page says it is open (over a websocket, subscribing does)
+            self.contacted = True
+            return {"t": "actions", "diff": None}, b"{}"
         if "hello" in obj:
+            self.contacted = True
             return self._hello(obj, peer)
         if "p" in obj:
             if not self.parano:

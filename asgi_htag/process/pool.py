@@ -411,7 +411,11 @@ class ProcessPool:
                     raise
                 await conn.aclose()
                 await self.drop_idle(conn.key)
-                conn = await self.connect(conn.key)
+                try:
+                    conn = await self.connect(conn.key)
+                except ProcessGone as exc:
+                    exc.missing = True  # type: ignore[attr-defined]  # gone before this request, not during it
+                    raise
                 await conn.send(obj, raw)
                 reply = await conn.receive_frame()
             done = True

@@ -252,6 +252,9 @@ var __asgi_htag = (function () {
         return post(null, JSON.stringify({hello: h.pub, k: pageId}), httpChannel);
       }, function (e) { notice("Secure channel error: " + e, true); });
     } else {
+      // the page's process waits for a sign of life (timeout_abandoned): a crawler sends none
+      posting = posting.then(function () { return post(null, JSON.stringify({contact: 1})); })
+        .catch(function () { notice("Cannot reach the server.", true); });
       startOnce();
     }
   } else {

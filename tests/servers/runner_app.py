@@ -109,6 +109,8 @@ PAGES = {
     "/inactive-sleeper": page_of(apps.Sleeper, timeout_inactivity=1),
     "/abandon": page_of(apps.Counter, timeout_abandoned=1),
     "/abandon-http": page_of(apps.Counter, timeout_abandoned=1, http_only=True),
+    "/abandon-parano-http": page_of(apps.Counter, timeout_abandoned=1, http_only=True, parano=True),
+    "/inactive-http": page_of(apps.Counter, timeout_inactivity=1, http_only=True),
 }
 
 
