@@ -393,10 +393,12 @@ class Engine:
     def _apply_local(session: Session, diff: Optional[Dict[str, Any]]) -> None:
         if not diff:
             return
+        emptied = session.emptied
         for k, v in (diff.get("set") or {}).items():
             session[k] = v
         for k in diff.get("del") or []:
             session.pop(k, None)
+        session.emptied = emptied  # what the app deletes never drops the session (only requests do)
 
     # --- websocket and POST: interactions ---------------------------------------------
     async def interaction_endpoint(self, scope: Scope, receive: Receive, send: Send, app_id: str, kind: str) -> None:

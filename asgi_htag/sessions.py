@@ -485,6 +485,7 @@ class Session(MutableMapping[str, Any]):
         self._needs_create = is_new and sid is not None
         self._doomed: List[str] = []
         self.cleared = False  # clear() was called: an empty session is then dropped, not kept
+        self.emptied = False  # a key was deleted: if none is left in the store either, it is dropped
         if data:
             self._data = {_check_key(k): v for k, v in data.items()}
             self._baseline = {k: _dump_value(k, v) for k, v in self._data.items()}
@@ -500,6 +501,7 @@ class Session(MutableMapping[str, Any]):
     def __delitem__(self, key: str) -> None:
         self.accessed = True
         del self._data[key]
+        self.emptied = True
 
     def __iter__(self) -> Iterator[str]:
         self.accessed = True
@@ -515,9 +517,9 @@ class Session(MutableMapping[str, Any]):
 
     def clear(self) -> None:
         """Remove every key; if the session is still empty when the response starts, the
-        middleware drops its row and expires its cookie (a logout). Deleting keys one by
-        one does not: a request that pops the only key it saw (a one-shot message) must not
-        drop what others wrote to the same session meanwhile."""
+        middleware drops its row and expires its cookie (a logout). Deleting the keys one by
+        one does the same, unless someone else wrote to the session meanwhile (a request
+        that pops a one-shot message must not drop what others just wrote)."""
         self.accessed = True
         self.cleared = True
         self._data.clear()
@@ -889,10 +891,16 @@ class SessionMiddleware:
     ) -> Tuple[Optional[bytes], Optional[str]]:
         """Commit, refresh the expiry, and return the Set-Cookie value the browser needs
         (or None) with the sid the browser holds afterwards."""
-        if session.cleared and browser_sid is not None and session.sid == browser_sid and not session._data:
-            # clear() at logout: drop the row and the cookie, not an empty row.
-            session.invalidate()
-        session.cleared = False
+        if browser_sid is not None and session.sid == browser_sid and not session._data:
+            if session.cleared:  # clear() at logout: drop the row and the cookie, not an empty row
+                session.invalidate()
+            elif session.emptied and session.modified:
+                # its last keys deleted (a logout by pop()): dropped too, unless the store has
+                # keys this request did not see (written meanwhile by another request or an app)
+                await session.commit()
+                if not session._data:
+                    session.invalidate()
+        session.cleared = session.emptied = False
         wrote = session.modified
         await self._commit(session)
         if session.sid is not None and session.sid == browser_sid and not wrote:

@@ -127,6 +127,14 @@ def test_clicking_over_a_websocket_keeps_the_session_alive_and_an_expired_one_re
         assert c.get("/get").json()["keys"] == [], "an expired session is not revived by clicks"
 
 
+def test_a_logout_that_pops_the_last_key_gives_the_next_page_a_new_instance(server, new_client):
+    c = new_client()
+    assert c.get("/set?v=alice").text == "ok"
+    assert Page(c, "/state").texts["from-route"] == "'alice'"
+    assert c.get("/logout-pop").text == "out"
+    assert Page(c, "/state").texts["from-route"] == "None", "a new session, so a new instance"
+
+
 def test_an_app_that_removes_the_only_session_key_keeps_its_session_and_its_page(server, new_client):
     c = new_client()
     assert c.get("/set?v=hello").text == "ok"  # the session's only key

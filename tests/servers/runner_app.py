@@ -124,6 +124,11 @@ async def logout(request: Request):
     return PlainTextResponse("out")
 
 
+async def logout_by_pop(request: Request):
+    request.session.pop("from_route", None)  # a logout written the Starlette way
+    return PlainTextResponse("out")
+
+
 async def revoke(request: Request):
     """The session's row deleted from the store directly (an admin tool, another host's
     logout): unlike clear(), its processes are not told."""
@@ -164,6 +169,7 @@ app.add_route("/get", get_value)
 app.add_route("/logout", logout)
 app.add_route("/login", login)
 app.add_route("/revoke", revoke)
+app.add_route("/logout-pop", logout_by_pop)
 app.add_route("/_stats", stats)
 app.add_route("/_gc", gc_state)
 app.add_route("/_backend", backend)
