@@ -567,6 +567,7 @@ class Engine:
                 return
             timeout_interaction = reply.get("timeout_interaction") or 0
             pid = reply.get("pid")
+            sock_path = self.pool.socket_path(key)
             if out:
                 await ws_send_text(out.decode())
             logger.debug("websocket of session %s subscribed to process %s", short_sid, reply.get("pid"))
@@ -585,11 +586,13 @@ class Engine:
                             if left > 0:
                                 await anyio.sleep(left)
                                 continue
-                            if _own_timer_can_end(pid):
-                                # Its timer ends any interaction that runs past the limit: this
-                                # click waits behind others (the session's other tabs) and is
-                                # not stuck. Looked at again after one more limit.
-                                await anyio.sleep(timeout_interaction)
+                            since = wire.read_busy(sock_path)
+                            limit = timeout_interaction + _BACKSTOP_SECONDS
+                            if since and time.monotonic() - since < limit and _own_timer_can_end(pid):
+                                # It is in an interaction that started less than a limit ago,
+                                # under a timer that can end it: this click waits behind
+                                # others (the session's other tabs) and is not stuck.
+                                await anyio.sleep(since + limit - time.monotonic())
                                 continue
                             logger.error("process of session %s is stuck past its timeout: killing it", short_sid)
                             try:

@@ -352,3 +352,21 @@ class Huge(Tag.body):
 
     def small(self):
         self.out.clear("small")
+
+
+class BackgroundBlock(Tag.body):
+    """'arm' answers at once, then a callback blocks the loop for 30 s: no interaction runs,
+    so no interaction timer is armed; only the worker's backstop can end it."""
+
+    def init(self):
+        self <= Tag.button("arm", _onclick=self.bind.arm(), _data_test="arm")
+        self <= Tag.button("+1", _onclick=self.bind.inc(), _data_test="inc")
+        self.value = Tag.span("0", _data_test="value")
+        self <= self.value
+        self <= Tag.span(str(os.getpid()), _data_test="pid")
+
+    def arm(self):
+        asyncio.get_running_loop().call_later(0.2, time.sleep, 30)
+
+    def inc(self):
+        self.value.clear("1")

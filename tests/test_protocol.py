@@ -682,6 +682,20 @@ def test_clicks_of_several_tabs_queued_behind_each_other_are_not_taken_for_a_stu
     assert sorted(texts_of(a).get("naps", "") for a in answers) == ["1", "2", "3", "4", "5"], answers
 
 
+def test_a_process_blocked_outside_any_interaction_is_killed_by_the_worker(server, new_client):
+    page = Page(new_client(), "/background-block")  # timeout_interaction=1
+    with page.ws() as ws:
+        assert "asgi_htag" not in click(ws, page, "arm")
+        time.sleep(0.5)  # a callback now blocks the process's loop, with no interaction timer armed
+        ws.send(json.dumps(page.call("inc")))
+        assert recv_json(ws, timeout=30)["asgi_htag"] == "dead"
+    for _ in range(100):
+        if not os.path.exists(f"/proc/{page.texts['pid']}"):
+            break
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{page.texts['pid']}"), "the stuck process was killed"
+
+
 def test_a_process_stuck_past_its_timeout_is_killed_by_the_worker(server, new_client):
     c = new_client()
     page = Page(c, "/stuck")

@@ -292,3 +292,15 @@ def test_engine_shutdown_closes_the_store_it_made_and_not_one_it_was_given(tmp_p
 
     anyio.run(go)
     assert closed == []
+
+
+def test_busy_mark_reads(tmp_path):
+    sock = str(tmp_path / ("ab" * 10 + ".s"))
+    assert wire.busy_path(sock) == str(tmp_path / ("ab" * 10 + ".busy"))
+    assert wire.read_busy(sock) is None, "no mark"
+    with open(wire.busy_path(sock), "wb") as f:
+        f.write(b"\x01\x02")
+    assert wire.read_busy(sock) is None, "a truncated mark"
+    with open(wire.busy_path(sock), "wb") as f:
+        f.write(wire.BUSY.pack(12.5))
+    assert wire.read_busy(sock) == 12.5

@@ -17,8 +17,10 @@ Guards that live here because only this process knows the page:
 import asyncio
 import json
 import logging
+import mmap
 import os
 import signal
+import time
 import traceback
 import re
 from collections import OrderedDict, deque
@@ -189,6 +191,7 @@ class AppHost:
         self.timeout_inactivity: float = float(opts.get("timeout_inactivity") or 0)
         self.timeout_abandoned: float = float(opts.get("timeout_abandoned") or 0)
         self.contacted = False  # its page opened its websocket or sent an interaction
+        self.busy: Optional[mmap.mmap] = None  # its busy mark, once serve() has made it
         self.max_frame_bytes: int = int(opts.get("max_frame_bytes") or wire.DEFAULT_MAX_FRAME_BYTES)
         self.session = SyncedSession(spec.get("session") or {})
         # subscribed connection -> the page id it speaks for (parano keys are per page)
@@ -222,10 +225,25 @@ class AppHost:
     def _arm_alarm(self) -> None:
         if self.timeout_interaction > 0:
             signal.setitimer(signal.ITIMER_REAL, self.timeout_interaction)
+        if self.busy is not None:
+            wire.BUSY.pack_into(self.busy, 0, time.monotonic())
 
-    @staticmethod
-    def _disarm_alarm() -> None:
+    def _disarm_alarm(self) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        if self.busy is not None:
+            wire.BUSY.pack_into(self.busy, 0, 0.0)
+
+    def open_busy_mark(self, path: str) -> None:
+        """Map the busy mark (see :data:`wire.BUSY`) that the timer's arming updates."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.ftruncate(fd, wire.BUSY.size)
+                self.busy = mmap.mmap(fd, wire.BUSY.size)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # the watchdog then falls back on its deadline alone
+            logger.warning("process %s: no busy mark at %s: %s", os.getpid(), path, exc)
 
     def touch(self) -> None:
         """An interaction happened: push the inactivity deadline back. Only a timestamp per
@@ -593,6 +611,7 @@ async def serve(spec: Dict[str, Any], tag_class: type, client_js: str, ready_fd:
     loop.add_signal_handler(signal.SIGTERM, host.stopping.set)
 
     path = spec["sock_path"]
+    host.open_busy_mark(wire.busy_path(path))  # before the socket: a worker may look at it
     tmp = f"{path}.{os.getpid()}.t"
     server = await loop.create_unix_server(lambda: _Peer(host), path=tmp)
     os.chmod(tmp, 0o600)
@@ -608,9 +627,10 @@ async def serve(spec: Dict[str, Any], tag_class: type, client_js: str, ready_fd:
     finally:
         server.close()
         try:
-            # unlink only our own socket: a replacement process may already own the name
+            # unlink only our own socket (and mark): a replacement process may own the name
             if os.stat(path).st_ino == inode:
                 os.unlink(path)
+                os.unlink(wire.busy_path(path))
         except OSError:
             pass
 

@@ -54,6 +54,30 @@ def compact_json(obj: Dict[str, Any]) -> bytes:
     return _dumps(obj).encode()
 
 
+# Beside each session process's socket (KEY.s), its busy mark (KEY.busy): 8 bytes, the
+# CLOCK_MONOTONIC time at which its running interaction (or render) started, 0 when none
+# runs. The process writes it through a shared mapping; the worker's watchdog reads it to
+# tell a click queued behind others' (the process is busy, under its own timer) from a
+# process stuck outside any interaction or past its limit.
+BUSY = struct.Struct("=d")
+
+
+def busy_path(sock_path: str) -> str:
+    """The busy mark of the process whose socket is ``sock_path``."""
+    return sock_path[:-2] + ".busy" if sock_path.endswith(".s") else sock_path + ".busy"
+
+
+def read_busy(sock_path: str) -> Optional[float]:
+    """Since when the process of ``sock_path`` runs an interaction (0.0: none), or None if
+    it has no readable mark."""
+    try:
+        with open(busy_path(sock_path), "rb") as f:
+            data = f.read(BUSY.size)
+    except OSError:
+        return None
+    return BUSY.unpack(data)[0] if len(data) == BUSY.size else None
+
+
 def decode_length(header: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> int:
     """The payload length announced by a 4-byte header, checked against the limit."""
     if len(header) != HEADER_SIZE:

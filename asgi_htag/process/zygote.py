@@ -597,10 +597,12 @@ class Zygote:
         if owner is child:
             del self.children[child.key]
         if owner is None or owner is child:  # (None: killed by _kill) no replacement owns the name
-            try:
-                os.unlink(socket_path(self.runtime_dir, child.key))
-            except FileNotFoundError:
-                pass
+            sock = socket_path(self.runtime_dir, child.key)
+            for leftover in (sock, wire.busy_path(sock)):
+                try:
+                    os.unlink(leftover)
+                except FileNotFoundError:
+                    pass
         if child.waiters:
             if timed_out:
                 reply = {"ok": False, "error": "timeout", "message": "the app took too long to start"}

@@ -98,6 +98,7 @@ PAGES = {
     "/loop": page_of(apps.LoopName),
     "/napper-http": page_of(apps.Napper, http_only=True),
     "/long-nap": page_of(apps.LongNap, timeout_interaction=1),
+    "/background-block": page_of(apps.BackgroundBlock, timeout_interaction=1),
     "/progress": page_of(apps.Progress),
     "/flash": page_of(apps.Flash),
     "/huge": page_of(apps.Huge),
