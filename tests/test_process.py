@@ -785,3 +785,11 @@ def test_a_worker_that_comes_while_the_fork_server_stops_gets_a_new_one(runtime)
 
     old, old_zygote, info, new_zygote = anyio.run(go)
     assert new_zygote != old_zygote and info["created"] and info["pid"] != old["pid"]
+
+
+def test_ending_a_sessions_processes_starts_no_fork_server_when_none_runs(runtime):
+    async def go(pool):
+        assert await pool.end_owner("ab" * 10) == 0
+        return sorted(p.name for p in runtime.iterdir())
+
+    assert run(go, runtime) == [], "no fork server was started"

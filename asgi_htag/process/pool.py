@@ -356,6 +356,8 @@ class ProcessPool:
     async def end_owner(self, owner: str) -> int:
         """End (SIGTERM: they say bye to their pages) the processes spawned with ``owner``;
         returns how many there were."""
+        if self._presence is None and not os.path.exists(self.socket_path(_ZYGOTE)):
+            return 0  # no fork server runs, so no process does: do not start one to say so
         reply = await self.zygote_request({"op": "kill_owner", "owner": owner})
         return int(reply.get("ended") or 0)
 
