@@ -17,7 +17,6 @@ Guards that live here because only this process knows the page:
 import asyncio
 import json
 import logging
-import mmap
 import os
 import signal
 import time
@@ -191,7 +190,7 @@ class AppHost:
         self.timeout_inactivity: float = float(opts.get("timeout_inactivity") or 0)
         self.timeout_abandoned: float = float(opts.get("timeout_abandoned") or 0)
         self.contacted = False  # its page opened its websocket or sent an interaction
-        self.busy: Optional[mmap.mmap] = None  # its busy mark, once serve() has made it
+        self.busy = -1  # the file descriptor of its busy mark, once serve() has made it
         self.max_frame_bytes: int = int(opts.get("max_frame_bytes") or wire.DEFAULT_MAX_FRAME_BYTES)
         self.session = SyncedSession(spec.get("session") or {})
         # subscribed connection -> the page id it speaks for (parano keys are per page)
@@ -225,23 +224,20 @@ class AppHost:
     def _arm_alarm(self) -> None:
         if self.timeout_interaction > 0:
             signal.setitimer(signal.ITIMER_REAL, self.timeout_interaction)
-        if self.busy is not None:
-            wire.BUSY.pack_into(self.busy, 0, time.monotonic())
+        if self.busy >= 0:
+            os.pwrite(self.busy, wire.BUSY.pack(time.monotonic()), 0)
 
     def _disarm_alarm(self) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        if self.busy is not None:
-            wire.BUSY.pack_into(self.busy, 0, 0.0)
+        if self.busy >= 0:
+            os.pwrite(self.busy, _NOT_BUSY, 0)
 
     def open_busy_mark(self, path: str) -> None:
-        """Map the busy mark (see :data:`wire.BUSY`) that the timer's arming updates."""
+        """Open the busy mark (see :data:`wire.BUSY`) that the timer's arming updates (a
+        write to an open file: no mapping, whose page would count in each process's memory)."""
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.ftruncate(fd, wire.BUSY.size)
-                self.busy = mmap.mmap(fd, wire.BUSY.size)
-            finally:
-                os.close(fd)
+            self.busy = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.pwrite(self.busy, _NOT_BUSY, 0)
         except OSError as exc:  # the watchdog then falls back on its deadline alone
             logger.warning("process %s: no busy mark at %s: %s", os.getpid(), path, exc)
 
@@ -591,6 +587,9 @@ class _Peer(wire.FlowProtocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+_NOT_BUSY = wire.BUSY.pack(0.0)
 
 
 def _json_bytes(obj: Any) -> bytes:

@@ -56,7 +56,7 @@ def compact_json(obj: Dict[str, Any]) -> bytes:
 
 # Beside each session process's socket (KEY.s), its busy mark (KEY.busy): 8 bytes, the
 # CLOCK_MONOTONIC time at which its running interaction (or render) started, 0 when none
-# runs. The process writes it through a shared mapping; the worker's watchdog reads it to
+# runs. The process writes it in place (pwrite); the worker's watchdog reads it to
 # tell a click queued behind others' (the process is busy, under its own timer) from a
 # process stuck outside any interaction or past its limit.
 BUSY = struct.Struct("=d")
