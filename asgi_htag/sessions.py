@@ -636,29 +636,20 @@ class Session(MutableMapping[str, Any]):
             TypeError: a key is not a str or a value is not JSON-serializable.
         """
         encoded, removed = _encode_changes(changed, deleted)
-        if not create:
-            if self.sid is None:
+        if create:
+            stored = await self.store.apply(self.ensure_id(), changed, removed)
+            self._needs_create = False
+        else:
+            existing = await self.store.apply_existing(self.sid, changed, removed) if self.sid is not None else None
+            if existing is None:
                 return False
-            stored = await self.store.apply_existing(self.sid, changed, removed)
-            if stored is None:
-                return False
-            for key, text in encoded.items():
-                self._data[key] = json.loads(text)
-                self._baseline[key] = text
-            for key in removed:
-                self._data.pop(key, None)
-                self._baseline.pop(key, None)
-            self._rebase(stored)
-            return True
+            stored = existing
         for key, text in encoded.items():
             self._data[key] = json.loads(text)
             self._baseline[key] = text
         for key in removed:
             self._data.pop(key, None)
             self._baseline.pop(key, None)
-        sid = self.ensure_id()
-        stored = await self.store.apply(sid, changed, removed)
-        self._needs_create = False
         self._rebase(stored)
         return True
 

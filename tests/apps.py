@@ -235,8 +235,10 @@ class Napper(Tag.body):
         self <= Tag.span(str(os.getpid()), _data_test="pid")
         self.count = 0
 
+    nap_seconds = 0.2
+
     def nap(self):
-        time.sleep(0.2)
+        time.sleep(self.nap_seconds)
         self.count += 1
         self.naps.clear(str(self.count))
 
@@ -323,10 +325,7 @@ class SlowRender(Tag.body):
 class LongNap(Napper):
     """A blocking interaction of 0.8 s: legal under timeout_interaction=1."""
 
-    def nap(self):
-        time.sleep(0.8)
-        self.count += 1
-        self.naps.clear(str(self.count))
+    nap_seconds = 0.8
 
 
 class Huge(Tag.body):
