@@ -415,10 +415,7 @@ class AppHost:
                 reply, out = await self._dispatch(frame, raw, peer)
                 if reply is not None:
                     try:
-                        if reply.get("diff", 0) is None and reply.get("t") == "actions":
-                            data = wire.encode_json(wire.ACTIONS_META, self.max_frame_bytes, raw=out)
-                        else:
-                            data = wire.encode(reply, self.max_frame_bytes, raw=out)
+                        data = wire.encode(reply, self.max_frame_bytes, raw=out)
                     except FrameTooLarge as exc:  # the app's answer: the page is told, the process lives on
                         logger.error("process %s: %s", os.getpid(), exc)
                         reply, out = _page_error(f"the application's answer is too large to send ({exc})")

@@ -6,6 +6,7 @@ the payload, so a hostile or broken peer cannot make anyone buffer more than the
 """
 import asyncio
 import json
+import os
 import struct
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -20,6 +21,7 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 # The meta of most frames a session process sends: a click's answer that changed nothing
 # in the session. Written and recognised as these bytes, not encoded and parsed each time.
 ACTIONS_META = b'{"t":"actions","diff":null}'
+_ACTIONS = {"t": "actions", "diff": None}
 
 
 def encode(obj: Dict[str, Any], max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, raw: Optional[bytes] = None) -> bytes:
@@ -33,7 +35,7 @@ def encode(obj: Dict[str, Any], max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, 
         FrameTooLarge: the encoded payload is larger than ``max_frame_bytes``.
         TypeError: ``obj`` holds something JSON cannot represent.
     """
-    return encode_json(_dumps(obj).encode(), max_frame_bytes, raw)
+    return encode_json(ACTIONS_META if obj == _ACTIONS else _dumps(obj).encode(), max_frame_bytes, raw)
 
 
 def encode_json(meta: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, raw: Optional[bytes] = None) -> bytes:
@@ -64,7 +66,7 @@ BUSY = struct.Struct("=d")
 
 def busy_path(sock_path: str) -> str:
     """The busy mark of the process whose socket is ``sock_path``."""
-    return sock_path[:-2] + ".busy" if sock_path.endswith(".s") else sock_path + ".busy"
+    return os.path.splitext(sock_path)[0] + ".busy"
 
 
 def read_busy(sock_path: str) -> Optional[float]:
