@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import signal
 import sys
 import time
 import traceback
@@ -566,7 +565,6 @@ class Engine:
                 await ws_close(4001)
                 return
             timeout_interaction = reply.get("timeout_interaction") or 0
-            pid = reply.get("pid")
             sock_path = self.pool.socket_path(key)
             if out:
                 await ws_send_text(out.decode())
@@ -588,9 +586,9 @@ class Engine:
                                 continue
                             since = wire.read_busy(sock_path)
                             limit = timeout_interaction + _BACKSTOP_SECONDS
-                            if since and time.monotonic() - since < limit and _own_timer_can_end(pid):
-                                # It is in an interaction that started less than a limit ago,
-                                # under a timer that can end it: this click waits behind
+                            if since and time.monotonic() - since < limit:
+                                # It is in an interaction that started less than a limit ago
+                                # (its own timer ends it past that): this click waits behind
                                 # others (the session's other tabs) and is not stuck.
                                 await anyio.sleep(since + limit - time.monotonic())
                                 continue
@@ -659,14 +657,15 @@ class Engine:
                     # the session travels only when the store says something changed
                     meta: Optional[Dict[str, Any]] = None
                     version = store.version()
+                    stale = version is None or version != sent_version
                     now = time.monotonic()
                     if now - touched_at >= _TOUCH_SECONDS:
                         # clicking keeps the session alive as requests do; one that expired
                         # meanwhile is not revived, and reaches the app as an empty one
                         touched_at = now
                         await store.touch(session.sid)
-                        version = None
-                    if version is None or version != sent_version:
+                        stale = True
+                    if stale:
                         await session.reload()
                         meta = {"t": "interact", "token": token, "session": dict(session)}
                         sent_version = version
@@ -691,7 +690,8 @@ class Engine:
             await ws_close(1000)
 
 
-# set by a Runner on the scopes it serves: the root_path of its own /_htag/... routes
+# set by a Runner (and by HtagASGI) on the scopes it serves: the root_path of its own
+# /_htag/... routes, which a Mount inside a Runner would otherwise lengthen
 ROOT_PATH_KEY = "asgi_htag.root_path"
 
 _COOKIE_OPTIONS = {"cookie_name", "max_age_seconds", "path", "same_site", "https_only"}
@@ -704,23 +704,6 @@ async def _send_nothing(scope: Scope, receive: Receive, send: Send) -> None:
 _BACKSTOP_SECONDS = 2.0
 _TOUCH_SECONDS = 1.0  # how often clicks over a websocket refresh their session's expiry
 _GONE = {"asgi_htag": "gone", "message": "This page's instance no longer exists; reloading..."}
-
-
-def _own_timer_can_end(pid: Any) -> bool:
-    """Whether the process ``pid`` would be ended by its own interaction timer (SIGALRM,
-    default action): it exists, is not in an uninterruptible sleep, and its main thread
-    neither blocks, ignores nor catches SIGALRM (an app may have done any of those)."""
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        bit = 1 << (signal.SIGALRM - 1)
-        masks = [int(fields[name].strip(), 16) for name in ("SigBlk", "SigIgn", "SigCgt")]
-        state = fields["State"].strip()[:1]
-    except (OSError, KeyError, ValueError):
-        return False
-    return state not in ("D", "Z", "X", "T", "t") and not any(m & bit for m in masks)
 
 
 def _dead_message(pending: bool, timeout: float = 0) -> Dict[str, Any]:
