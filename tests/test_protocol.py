@@ -161,7 +161,9 @@ def test_a_page_left_open_after_a_logout_cannot_bring_the_session_back(server, n
         ws.send(json.dumps(page.call("write")))  # the app writes to its (old) session
         assert recv_json(ws)["asgi_htag"] == "gone", "the page is told, and reloads into the current session"
         assert thief.get("/get").json()["keys"] == [], "the old session id stays dead"
-    # the same over http_only, where the POST carries the old cookie itself
+    # over http_only a POST with the logged-out cookie never reaches the process (the session
+    # is not found): the page is told it is gone and the session stays dead (this part does not
+    # drive apply_existing, which a POST reaches only if the logout lands while it runs)
     c = new_client()
     assert c.get("/set?v=bob").text == "ok"
     old_cookie = c.cookies.get("asgi_htag_session")
