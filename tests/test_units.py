@@ -304,3 +304,27 @@ def test_busy_mark_reads(tmp_path):
     with open(wire.busy_path(sock), "wb") as f:
         f.write(wire.BUSY.pack(12.5))
     assert wire.read_busy(sock) == 12.5
+
+
+class _WarmCounter(Tag.div):
+    calls = 0
+
+    def init(self) -> None:
+        self <= Tag.button("w", _onclick=self.bind.noop())
+
+    def noop(self) -> None:
+        type(self).calls += 1
+        self.session["w"] = type(self).calls
+
+
+def test_warm_up_answers_real_frames_and_leaves_nothing_behind(tmp_path):
+    """The fork server's warm-up of the session-process code: every click goes through the
+    host's checks to the app, and no socket or offered method is left for the children."""
+    from asgi_htag.process import host
+
+    path = str(tmp_path / "warm.s")
+    _WarmCounter.calls = 0
+    asyncio.run(host.warm_up(_WarmCounter, path, clicks=20))
+    assert _WarmCounter.calls == 20  # refused clicks (not offered) would not reach the app
+    assert not host._offered
+    assert not (tmp_path / "warm.s").exists()

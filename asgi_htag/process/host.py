@@ -631,4 +631,46 @@ async def serve(spec: Dict[str, Any], tag_class: type, client_js: str, ready_fd:
             pass
 
 
-__all__ = ("AppHost", "SyncedSession", "serve", "install_offer_recorder")
+async def warm_up(tag_class: type, sock_path: str, clicks: int = 64) -> None:
+    """Run, once, what every session process runs per frame: an :class:`AppHost` of
+    ``tag_class`` (a tag with a ``noop`` method on its root, offered by its render)
+    answering a render, a subscribe, ``clicks`` interactions (some changing the session)
+    and a ping over a Unix socket. The fork server calls it before it forks: the code it
+    runs is then specialised in pages every child shares, where each child would otherwise
+    specialise (so write, so copy) them for itself on its first clicks."""
+    install_offer_recorder()
+    spec = {"key": "warm", "token": "warm", "opts": {}, "init": [[], {}], "session": {"n": 0}}
+    host = AppHost(spec, tag_class, "")
+    loop = asyncio.get_running_loop()
+    server = await loop.create_unix_server(lambda: _Peer(host), path=sock_path)
+    writer: Optional[asyncio.StreamWriter] = None
+    try:
+        reader, writer = await asyncio.open_unix_connection(sock_path)
+
+        async def exchange(obj: Dict[str, Any], raw: Optional[bytes] = None) -> Tuple[Dict[str, Any], Optional[bytes]]:
+            assert writer is not None
+            writer.write(wire.encode(obj, raw=raw))
+            await writer.drain()
+            header = await reader.readexactly(wire.HEADER_SIZE)
+            return wire.split_payload(await reader.readexactly(wire.decode_length(header)))
+
+        await exchange({"t": "render", "token": "warm", "session": {"n": 0}})
+        await exchange({"t": "subscribe", "token": "warm", "resync": True, "k": None, "session": {"n": 0}})
+        click = _json_bytes({"id": id(host.hr.tag), "method": "noop", "args": [], "kargs": {}, "event": {}})
+        for i in range(clicks):
+            session = {"n": i} if i % 8 == 0 else None
+            await exchange({"t": "interact", "token": "warm", "session": session}, click)
+        await exchange({"t": "ping", "token": "warm"})
+    finally:
+        if writer is not None:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+        _offered.clear()
+        try:
+            os.unlink(sock_path)
+        except FileNotFoundError:
+            pass  # Python 3.13+ removes a Unix server's socket file on close
+
+
+__all__ = ("AppHost", "SyncedSession", "serve", "warm_up", "install_offer_recorder")

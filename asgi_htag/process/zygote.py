@@ -729,19 +729,23 @@ def _new_uvloop() -> Any:
 
 def _warm_up(runtime_dir: str) -> None:
     """Run once in the zygote what every child runs (an event loop, a Unix server, an
-    HRenderer render, a frame round trip), so that lazily built state lives in pages the
+    HRenderer render, the app host answering frames), so that lazily built state lives in pages the
     children share instead of being rebuilt, privately, in each of them."""
     import asyncio
 
     from htag import Tag
     from htag.render import HRenderer
 
+    from . import host
+
     class _Warm(Tag.div):
         def init(self) -> None:
             self <= Tag.button("w", _onclick=self.bind.noop())
 
         def noop(self) -> None:
-            pass
+            session = self.session
+            if session is not None:
+                session["w"] = len(session)  # a click that writes the session, now and then
 
     path = os.path.join(runtime_dir, f"warm.{os.getpid()}.t")
 
@@ -749,6 +753,7 @@ def _warm_up(runtime_dir: str) -> None:
         hr = HRenderer(_Warm, "", init=((), {}))
         str(hr)
         await hr.interact(id(hr.tag), "noop", [], {}, {})
+        await host.warm_up(_Warm, path)
 
         async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             header = await reader.readexactly(wire.HEADER_SIZE)
