@@ -328,3 +328,53 @@ def test_warm_up_answers_real_frames_and_leaves_nothing_behind(tmp_path):
     assert _WarmCounter.calls == 20  # refused clicks (not offered) would not reach the app
     assert not host._offered
     assert not (tmp_path / "warm.s").exists()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"id":1,"method":"inc","args":[],"kargs":{},"event":{"x":1.5e3}}',
+        b"{}",
+        b'{"a":"\\u00e9\\ud800","b":[1,{"c":null}],"a":2}',  # lone surrogate, duplicate key
+        b'{"n":NaN,"i":-Infinity}',
+        '{"é":"ü"}'.encode(),
+        b"{} ",
+        b" {}",
+        b"{}\n",
+        b'{"a":1}x',
+        b'{"a":1}{"b":2}',
+        b"{",
+        b'{"a":',
+        b'{"a" 1}',
+        b"{'a':1}",
+        b"[1,2]",
+        b"1",
+        b"",
+        b"\xef\xbb\xbf{}",  # a UTF-8 BOM: json.loads of bytes accepts it
+        b'{"a":"\xff"}',  # not UTF-8
+        b"\xff\xfe{\x00}\x00",  # UTF-16
+        b'{"a":' + b"[" * 50 + b"]" * 50 + b"}",
+    ],
+)
+def test_wire_loads_matches_json_loads(data):
+    """The frames' fast JSON parse gives json.loads's value, or json.loads's error."""
+    try:
+        expected = ("ok", json.loads(data))
+    except Exception as exc:
+        expected = ("err", type(exc), str(exc))
+    try:
+        got = ("ok", wire.loads(data))
+    except Exception as exc:
+        got = ("err", type(exc), str(exc))
+    if expected[0] == "ok" and got[0] == "ok":
+        assert json.dumps(got[1]) == json.dumps(expected[1])  # NaN != NaN: compare the texts
+    else:
+        assert got == expected
+
+
+def test_wire_loads_refuses_deep_nesting_as_json_loads_does():
+    deep = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(RecursionError):
+        json.loads(deep)
+    with pytest.raises(RecursionError):
+        wire.loads(deep)

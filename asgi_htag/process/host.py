@@ -459,7 +459,7 @@ class AppHost:
         """What the page sent (``raw``, passed through untouched by the worker) -> the
         frame for the worker and the bytes for the page."""
         try:
-            obj = json.loads(raw) if raw else None
+            obj = wire.loads(raw) if raw else None
         except (ValueError, UnicodeDecodeError):
             obj = None
         if not isinstance(obj, dict):

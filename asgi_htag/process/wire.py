@@ -80,6 +80,29 @@ def read_busy(sock_path: str) -> Optional[float]:
     return BUSY.unpack(data)[0] if len(data) == BUSY.size else None
 
 
+_scan_once = json.JSONDecoder().scan_once
+
+
+def loads(data: bytes) -> Any:
+    """``json.loads(data)``: the same value or the same error, for less CPU when ``data``
+    is a JSON object with nothing around it, as every frame and interaction is.
+    ``json.loads`` spends more on its per-call checks (text encoding, whitespace) than on
+    parsing such a small object; anything else goes through it.
+
+    Raises:
+        ValueError: not JSON (``json.JSONDecodeError``), or not UTF-8 (``UnicodeDecodeError``).
+    """
+    if data[:1] == b"{":
+        text = data.decode("utf-8")  # what json.loads decodes a BOM-less object with
+        try:
+            obj, end = _scan_once(text, 0)
+        except StopIteration:  # not a value at all: json.loads says so in its own words
+            return json.loads(data)
+        if end == len(text):
+            return obj
+    return json.loads(data)  # whitespace or something after the value: its errors, or its value
+
+
 def decode_length(header: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> int:
     """The payload length announced by a 4-byte header, checked against the limit."""
     if len(header) != HEADER_SIZE:
@@ -93,7 +116,7 @@ def decode_length(header: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES)
 def decode_payload(payload: bytes) -> Dict[str, Any]:
     """Parse a frame payload; it must be a JSON object."""
     try:
-        obj = json.loads(payload)
+        obj = loads(payload)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"frame is not valid UTF-8 JSON: {exc}") from exc
     if not isinstance(obj, dict):
@@ -244,4 +267,4 @@ class FlowProtocol(asyncio.Protocol):
             raise ConnectionResetError("the peer closed the connection")
 
 
-__all__ = ("encode", "encode_json", "compact_json", "ACTIONS_META", "decode_length", "decode_payload", "split_payload", "FrameBuffer", "FlowProtocol", "DEFAULT_MAX_FRAME_BYTES", "HEADER_SIZE")
+__all__ = ("encode", "loads", "encode_json", "compact_json", "ACTIONS_META", "decode_length", "decode_payload", "split_payload", "FrameBuffer", "FlowProtocol", "DEFAULT_MAX_FRAME_BYTES", "HEADER_SIZE")
