@@ -378,3 +378,85 @@ def test_wire_loads_refuses_deep_nesting_as_json_loads_does():
         json.loads(deep)
     with pytest.raises(RecursionError):
         wire.loads(deep)
+
+
+class _CycleMaker(Tag.div):
+    collected = 0
+
+    def init(self) -> None:
+        self <= Tag.button("c", _onclick=self.bind.noop())
+
+    def noop(self) -> None:
+        import weakref
+
+        junk: dict = {}
+        junk["self"] = junk  # a reference cycle, as htag's Stater leaves per interaction
+        holder = type("Holder", (), {})()
+        holder.junk = junk
+        junk["holder"] = holder
+        weakref.finalize(holder, _CycleMaker._count)
+
+    @staticmethod
+    def _count() -> None:
+        _CycleMaker.collected += 1
+
+
+def test_session_process_frees_an_interactions_reference_cycles_after_answering(tmp_path):
+    """A click's cyclic garbage is freed once its answer is written, not whenever the
+    collector's allocation counters say: the next click reuses that memory."""
+    import gc
+
+    from asgi_htag.process import host
+
+    async def main() -> list:
+        host.install_offer_recorder()
+        spec = {"key": "k", "token": "t", "opts": {}, "init": [[], {}], "session": {}}
+        app = host.AppHost(spec, _CycleMaker, "")
+        path = str(tmp_path / "c.s")
+        server = await asyncio.get_running_loop().create_unix_server(lambda: host._Peer(app), path=path)
+        reader, writer = await asyncio.open_unix_connection(path)
+
+        async def exchange(obj: dict, raw: bytes = None) -> dict:
+            writer.write(wire.encode(obj, raw=raw))
+            header = await reader.readexactly(wire.HEADER_SIZE)
+            return wire.split_payload(await reader.readexactly(wire.decode_length(header)))[0]
+
+        await exchange({"t": "render", "token": "t"})
+        click = json.dumps({"id": id(app.hr.tag), "method": "noop", "args": [], "kargs": {}, "event": {}}).encode()
+        seen = []
+        for _ in range(5):
+            assert (await exchange({"t": "interact", "token": "t"}, click))["t"] == "actions"
+            await exchange({"t": "ping", "token": "t"})  # the click's answer was written before this one
+            seen.append(_CycleMaker.collected)
+        writer.close()
+        server.close()
+        host._offered.clear()
+        return seen
+
+    _CycleMaker.collected = 0
+    gc.set_threshold(100_000)  # the collector's own turn never comes during the test
+    try:
+        assert asyncio.run(main()) == [1, 2, 3, 4, 5]
+    finally:
+        gc.set_threshold(700, 10, 10)
+
+
+def test_forker_fills_its_half_used_pools_before_forking():
+    """The forker takes the free blocks of its half-used pymalloc pools, so that a child's
+    new objects do not land in (and copy) pages shared with it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, htag.render\n"
+        "from asgi_htag.process import zygote as z\n"
+        "before = z._partial_pool_blocks(); z._fill_partial_pools(); after = z._partial_pool_blocks()\n"
+        "print(json.dumps([before, after]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    before, after = (dict(map(tuple, x)) for x in json.loads(out.stdout))
+    assert len(before) >= 20 and sum(before.values()) > 0  # the stats were read
+    emptied = [size for size, n in before.items() if n > 0 and after.get(size) == 0]
+    still = [size for size, n in after.items() if n > 0]
+    # what remains free is in the few pools started by the allocations made after the fill
+    assert len(emptied) > len(still), (before, after)

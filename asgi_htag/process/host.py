@@ -15,6 +15,7 @@ Guards that live here because only this process knows the page:
 * the process exits by itself after ``timeout_inactivity`` seconds without interaction.
 """
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -421,6 +422,11 @@ class AppHost:
                         reply, out = _page_error(f"the application's answer is too large to send ({exc})")
                         data = wire.encode(reply, self.max_frame_bytes, raw=out)
                     peer.write(data)
+                    if gc.isenabled():
+                        # htag leaves reference cycles behind every interaction (its Stater):
+                        # freed now, once the answer is on its way, their memory is reused by
+                        # the next click instead of piling up until the collector's turn
+                        gc.collect(1)
                     await peer.drain()
         except (ConnectionError, OSError):
             return
