@@ -44,12 +44,12 @@ log = logging.getLogger("bench")
 FULL = dict(
     cold=50, warmup_renders=5, ws_warmup=300, ws_clicks=2000, http_warmup=200, posts=1000, rt_rounds=10,
     hol_rounds=3, hol_burst=50, hol_baseline=300, tp_levels=(1, 10, 50), tp_seconds=6.0, tp_warmup=1.0, tp_rounds=6,
-    mem_levels=(10, 100, 1000), floor_a=3000, floor_b=5000, floor_d_seconds=2.0,
+    mem_levels=(10, 100, 1000), mem_used_clicks=500, floor_a=3000, floor_b=5000, floor_d_seconds=2.0,
 )
 QUICK = dict(
     cold=10, warmup_renders=2, ws_warmup=50, ws_clicks=300, http_warmup=30, posts=200, rt_rounds=4,
     hol_rounds=1, hol_burst=20, hol_baseline=100, tp_levels=(1, 10, 50), tp_seconds=1.5, tp_warmup=0.3, tp_rounds=2,
-    mem_levels=(10, 100), floor_a=500, floor_b=1000, floor_d_seconds=0.5,
+    mem_levels=(10, 100), mem_used_clicks=100, floor_a=500, floor_b=1000, floor_d_seconds=0.5,
 )
 
 # targets (issue #4)
@@ -731,8 +731,23 @@ async def close_all(live: List[Session]) -> None:
     await asyncio.gather(*(one(s) for s in live))
 
 
-async def memory_asgi(server: Server, levels: Tuple[int, ...]) -> List[Dict[str, Any]]:
-    """On a fresh asgi_htag server: memory after 10, 100, 1000 live sessions."""
+async def children_uss(server: Server) -> Tuple[Dict[str, Any], List[float]]:
+    """The server's ``/_stats`` and the USS (MB) of every session process it names."""
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+        st = (await c.get("/_stats")).json()
+    children = []
+    for pid in st["pids"]:
+        try:
+            children.append(memory_of(pid)["uss_mb"])
+        except OSError:
+            pass
+    return st, children
+
+
+async def memory_asgi(server: Server, levels: Tuple[int, ...], used_clicks: int) -> List[Dict[str, Any]]:
+    """On a fresh asgi_htag server: memory after 10, 100, 1000 live sessions. At the first
+    level, also after every session has clicked ``used_clicks`` more times: a session
+    that has been used, not only opened (its process's memory grows with its first clicks)."""
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
         st0 = (await c.get("/_stats")).json()
     zpid = st0["pid"]
@@ -746,14 +761,7 @@ async def memory_asgi(server: Server, levels: Tuple[int, ...]) -> List[Dict[str,
             await hold_sessions(server, live, level, failures)
             created_s = time.perf_counter() - t0
             await asyncio.sleep(1.0)
-            async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
-                st = (await c.get("/_stats")).json()
-            children = []
-            for pid in st["pids"]:
-                try:
-                    children.append(memory_of(pid)["uss_mb"])
-                except OSError:
-                    pass
+            st, children = await children_uss(server)
             worker = memory_of(server.pid)
             zygote = memory_of(st["pid"])
             forker = memory_of(st["forker"]) if st.get("forker") else {"uss_mb": 0.0, "rss_mb": 0.0}
@@ -782,6 +790,21 @@ async def memory_asgi(server: Server, levels: Tuple[int, ...]) -> List[Dict[str,
             out.append(row)
             log.info("asgi_htag memory: %d sessions (%d live, %d answered), child USS %.2f MB, total USS %.1f MB, created in %.1fs",
                      level, len(live), ok, row["child_uss_mb_mean"] or 0, total, created_s)
+            if level == levels[0] and used_clicks:
+                bad = 0
+                for _ in range(used_clicks):
+                    for s in live:
+                        bad += not answered(await s.click())
+                await asyncio.sleep(1.0)
+                _, used = await children_uss(server)
+                row["after_clicks"] = {
+                    "clicks_each": used_clicks + 2,  # with the first interaction and the roll call's
+                    "child_uss_mb_mean": statistics.fmean(used) if used else None,
+                    "child_uss_mb_max": max(used) if used else None,
+                    "bad_answers": bad,
+                }
+                log.info("asgi_htag memory: %d sessions after %d clicks each, child USS %.2f MB",
+                         level, used_clicks + 2, row["after_clicks"]["child_uss_mb_mean"] or 0)
     finally:
         await close_all(live)
     return out
@@ -905,6 +928,11 @@ def build_rows(res: Dict[str, Any]) -> Tuple[List[List[str]], List[Dict[str, Any
         row(f"USS per session process, {n} live (mean)", f"{per:.2f} MB",
             f"in-proc {i['uss_mb_per_session']:.3f} MB/session", fmt_x(per / i["uss_mb_per_session"]) if i["uss_mb_per_session"] > 0 else "-",
             f"<= {USS_TARGET_MB:g} MB", per <= USS_TARGET_MB)
+        used = a.get("after_clicks")
+        if used and used["child_uss_mb_mean"] is not None:
+            per_used = used["child_uss_mb_mean"]
+            row(f"USS per session process, {n} live, after {used['clicks_each']} clicks each (mean)", f"{per_used:.2f} MB",
+                f"max {used['child_uss_mb_max']:.2f} MB", "", f"<= {USS_TARGET_MB:g} MB", per_used <= USS_TARGET_MB)
         row(f"  server total USS at {n} (worker {a['worker_uss_mb']:.0f} + zygote {a['zygote_uss_mb']:.0f} + forker {a.get('forker_uss_mb', 0):.0f} + children)",
             f"{a['total_uss_mb']:.0f} MB", f"in-proc {i['uss_mb']:.0f} MB", fmt_x(a["total_uss_mb"] / i["uss_mb"]),
             f"(worker RSS {a['worker_rss_mb']:.0f} MB)")
@@ -1091,7 +1119,7 @@ async def run(args: argparse.Namespace, P: Dict[str, Any]) -> Dict[str, Any]:
         servers.append(asgi2)
         await asgi2.start()
         log.info("asgi_htag: memory with %s live sessions (fresh server)", "/".join(map(str, P["mem_levels"])))
-        res["asgi_htag"]["memory"] = await memory_asgi(asgi2, P["mem_levels"])
+        res["asgi_htag"]["memory"] = await memory_asgi(asgi2, P["mem_levels"], P["mem_used_clicks"])
         stop(asgi2)
     finally:
         for server in list(servers):

@@ -46,6 +46,9 @@ def test_quick_benchmark_runs_and_loses_nothing(tmp_path):
     assert res["asgi_htag"]["worker_batch_at_rest"] is False
     assert set(res["asgi_htag"]["worker_policy_switches"].values()) == {0}, res["asgi_htag"]["worker_policy_switches"]
     assert all(m["child_uss_mb_mean"] > 0 for m in res["asgi_htag"]["memory"])
+    used = res["asgi_htag"]["memory"][0]["after_clicks"]  # the first level, used as well as opened
+    assert used["clicks_each"] == res["params"]["mem_used_clicks"] + 2
+    assert used["bad_answers"] == 0 and used["child_uss_mb_mean"] > 0
 
     assert set(res["servers"]) == {"inprocess", "asgi_htag", "asgi_htag-memory"}
     for name, info in res["servers"].items():
