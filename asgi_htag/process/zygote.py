@@ -888,12 +888,12 @@ def _fill_partial_pools() -> None:
     keep: List[Any] = [None] * sum(n + 100 for _, n in wants)  # one allocation, sized ahead
     i = 0
     for size, n in wants:
-        if size == 32:
+        if 16 < size <= 32:
             n += 100  # floats come from a free list of up to 100 first
         for _ in range(n):
             if size <= 16:
                 keep[i] = object()  # 16 bytes
-            elif size == 32:
+            elif size <= 32:
                 keep[i] = float(i) + 0.5  # 24 bytes
             else:
                 keep[i] = bytes(size - 33)  # a bytes object is 33 bytes + its length
