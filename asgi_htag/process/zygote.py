@@ -729,12 +729,10 @@ def _new_uvloop() -> Any:
 
 def _warm_up(runtime_dir: str) -> None:
     """Run once in the zygote what every child runs (an event loop, a Unix server, an
-    HRenderer render, the app host answering frames), so that lazily built state lives in pages the
-    children share instead of being rebuilt, privately, in each of them."""
-    import asyncio
-
+    HRenderer, the app host answering frames: see :func:`host.warm_up`), so that lazily
+    built state lives in pages the children share instead of being rebuilt, privately, in
+    each of them."""
     from htag import Tag
-    from htag.render import HRenderer
 
     from . import host
 
@@ -747,37 +745,7 @@ def _warm_up(runtime_dir: str) -> None:
             if session is not None:
                 session["w"] = len(session)  # a click that writes the session, now and then
 
-    path = os.path.join(runtime_dir, f"warm.{os.getpid()}.t")
-
-    async def exercise() -> None:
-        hr = HRenderer(_Warm, "", init=((), {}))
-        str(hr)
-        await hr.interact(id(hr.tag), "noop", [], {}, {})
-        await host.warm_up(_Warm, path)
-
-        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            header = await reader.readexactly(wire.HEADER_SIZE)
-            payload = await reader.readexactly(wire.decode_length(header))
-            meta, raw = wire.split_payload(payload)
-            writer.write(wire.encode(meta, raw=raw))
-            await writer.drain()
-            writer.close()
-
-        server = await asyncio.start_unix_server(echo, path=path)
-        try:
-            reader, writer = await asyncio.open_unix_connection(path)
-            writer.write(wire.encode({"t": "warm", "session": {}}, raw=b'{"id": 1}'))
-            await writer.drain()
-            await reader.readexactly(wire.HEADER_SIZE)
-            writer.close()
-        finally:
-            server.close()
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass  # Python 3.13+ removes a Unix server's socket file on close
-
-    _run(exercise())
+    _run(host.warm_up(_Warm, os.path.join(runtime_dir, f"warm.{os.getpid()}.t")))
 
 
 _PROCESS_LOOP = "auto"  # set from the zygote's config: see _run
