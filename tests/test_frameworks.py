@@ -68,13 +68,15 @@ def test_fastapi_own_routes_still_answer_beside_the_mount(fastapi_server, client
     assert c.get("/nowhere").status_code == 404
 
 
-def test_fastapi_route_and_htag_app_read_and_write_one_session(fastapi_server, client_of):
-    c = client_of(fastapi_server)
-    # a FastAPI route writes request.session["name"]; the htag app greets with it
+@pytest.mark.parametrize("framework", ["fastapi", "quart"])
+def test_framework_route_and_htag_app_read_and_write_one_session(framework, request, client_of):
+    server = request.getfixturevalue(f"{framework}_server")
+    c = client_of(server)
+    # a route of the framework writes the session's "name"; the htag app greets with it
     page = Page(c, "/name?value=Bob")
     assert page.response.url.path == "/ui/"
     assert page.texts["hello"] == "Hello Bob"
-    # the htag app writes self.session["clicks"]; a FastAPI route reads it
+    # the htag app writes self.session["clicks"]; a route of the framework reads it
     with page.ws() as ws:
         click(page, "inc", ws)
         assert click(page, "inc", ws)["value"] == "2"
@@ -82,9 +84,9 @@ def test_fastapi_route_and_htag_app_read_and_write_one_session(fastapi_server, c
     # a later write by a route shows on the next load of the same (reused) instance
     page = Page(c, "/name?value=Alice")
     assert page.texts["hello"] == "Hello Alice" and page.texts["value"] == "2"
-    # one cookie carries it all, and another browser sees none of it
+    # one cookie carries it all (Quart sets none of its own), and another browser sees none of it
     assert [cookie.name for cookie in c.cookies.jar] == ["asgi_htag_session"]
-    other = client_of(fastapi_server)
+    other = client_of(server)
     assert other.get("/api/session").json() == {"clicks": 0, "name": None}
 
 
@@ -104,6 +106,7 @@ def test_quart_own_routes_still_answer_beside_the_dispatcher(quart_server, clien
     home = c.get("/")
     assert home.status_code == 200 and "Quart home" in home.text
     assert c.get("/api/ping").json() == {"framework": "quart", "pong": True}
+    assert c.get("/api/session").json() == {"clicks": 0, "name": None}
     assert c.get("/nowhere").status_code == 404
     assert c.get("/uix").status_code == 404  # a sibling of the prefix is Quart's
     assert c.get("/ui/elsewhere").status_code == 404  # under the prefix: the htag app's
@@ -132,13 +135,14 @@ def test_fastapi_in_browser_name_from_route_and_clicks_back_on_the_home_page(fas
 
 
 @pytest.mark.browser
-def test_quart_in_browser_link_to_ui_and_counter_clicks(quart_server, page):
+def test_quart_in_browser_name_from_route_and_clicks_back_on_the_home_page(quart_server, page):
     ws_urls = []
     page.on("websocket", lambda ws: ws_urls.append(ws.url))
     page.goto(quart_server.url + "/")
     assert page.text_content(sel("quart-home")) == "Quart home"
+    assert page.text_content(sel("clicks")) == "0"
     page.click(sel("to-ui"))
-    page.wait_for_selector(sel("inc"))
+    page.wait_for_selector(f"{sel('hello')}:text-is('Hello world')")
     assert page.url == quart_server.url + "/ui/"
     for expected in ("1", "2"):
         page.click(sel("inc"))
@@ -147,4 +151,13 @@ def test_quart_in_browser_link_to_ui_and_counter_clicks(quart_server, page):
     page.reload()
     assert page.text_content(sel("value")) == "2"
     page.click("text=back to Quart")
-    page.wait_for_selector(f"{sel('quart-home')}:text-is('Quart home')")
+    page.wait_for_selector(f"{sel('clicks')}:text-is('2')")
+    page.fill(sel("name-input"), "Ada")
+    page.click(sel("set-name"))
+    page.wait_for_selector(f"{sel('hello')}:text-is('Hello Ada')")
+    assert page.text_content(sel("value")) == "2"
+    page.click(sel("inc"))
+    page.wait_for_selector(f"{sel('value')}:text-is('3')")
+    page.click("text=back to Quart")
+    page.wait_for_selector(f"{sel('clicks')}:text-is('3')")
+    assert page.text_content(sel("name")) == "Ada"

@@ -1,39 +1,64 @@
-"""Quart with an htag app served under /ui.
+"""Quart with an htag app served under /ui, both reading and writing ONE session.
 
 Run from the repository root::
 
     uvicorn examples.quart.app:app
 
 then open http://127.0.0.1:8000/ (Quart) and http://127.0.0.1:8000/ui/ (the htag counter,
-one process per browser session).
+one process per browser session). Quart's routes:
+
+* ``GET /``                 HTML: what the session holds, links to /ui/ and /name
+* ``GET /name?value=Bob``   a Quart route writes ``session["name"]``; the counter page
+  greets "Hello Bob"
+* ``GET /api/session``      JSON of the session, including ``clicks`` written by the htag app
+* ``GET /api/ping``         JSON, to show Quart's own routes answer beside the htag app
+
+``asgi_htag.SessionMiddleware`` wraps the whole ASGI app and Quart's ``session_interface``
+is :class:`asgi_htag.quart_session.ScopeSessionInterface`, so ``quart.session`` in the
+routes and ``self.session`` in the htag app are the same data (a SQLite store in the state
+directory, behind one signed cookie; Quart sets no cookie of its own).
 
 Quart has no ``mount()``, so :class:`PathDispatcher` below is a few lines of plain ASGI:
 requests and websockets under /ui go to the htag app, everything else (and the lifespan
 events) to Quart. Quart's ``before_serving`` / ``after_serving`` hooks start and stop the
 htag engine.
 """
+import html
 from typing import Any, Awaitable, Callable, Dict, MutableMapping
 
 from htag import Tag
-from quart import Quart, jsonify
+from quart import Quart, jsonify, redirect, request, session
 
-from asgi_htag import HtagASGI
+from asgi_htag import HtagASGI, SessionMiddleware
+from asgi_htag.config import default_state_dir, load_secret
+from asgi_htag.quart_session import ScopeSessionInterface
+from asgi_htag.sessions import default_store
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
 
+class Greeting(Tag.h1):
+    def render(self):
+        # render() runs at every page load: a name set by a Quart route since this
+        # instance was built (a reload reuses it) shows up on the next load.
+        self.clear(f"Hello {self.session.get('name', 'world')}")
+
+
 class Counter(Tag.body):
+    """Counts clicks in the session, and greets whoever a Quart route named."""
+
     def init(self):
-        self.count = 0
-        self <= Tag.h1("htag inside Quart")
+        self.count = self.session.get("clicks", 0)
+        self <= Greeting(_data_test="hello")
         self <= Tag.button("+1", _onclick=self.bind.inc(), _data_test="inc")
-        self.value = Tag.span("0", _data_test="value")
+        self.value = Tag.span(str(self.count), _data_test="value")
         self <= self.value
         self <= Tag.p(Tag.a("back to Quart", _href="../"))
 
     def inc(self):
         self.count += 1
+        self.session["clicks"] = self.count
         self.value.clear(str(self.count))
 
 
@@ -76,8 +101,16 @@ async def _redirect(send: Any, location: str, query_string: bytes) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
+# One state directory, one store and one secret for Quart's routes and the htag app
+# ($ASGI_HTAG_STATE_DIR, else ~/.local/state/asgi_htag; $ASGI_HTAG_SECRET, else a secret
+# file created there once and shared by every worker).
+STATE_DIR = default_state_dir()
+store = default_store(STATE_DIR)
+secret = load_secret(STATE_DIR)
+
 quart_app = Quart(__name__)
-ui = HtagASGI(Counter)
+quart_app.session_interface = ScopeSessionInterface()
+ui = HtagASGI(Counter, state_dir=STATE_DIR, store=store, secret=secret)
 
 
 @quart_app.before_serving
@@ -92,11 +125,29 @@ async def stop_htag() -> None:
 
 @quart_app.route("/")
 async def home() -> str:
+    clicks = session.get("clicks", 0)
+    name = session.get("name", "world")
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>Quart + htag</title></head><body>"
         "<h1 data-test='quart-home'>Quart home</h1>"
-        "<p><a href='/ui/' data-test='to-ui'>open the htag counter</a></p></body></html>"
+        f"<p>Clicks counted by the htag app: <b data-test='clicks'>{clicks}</b></p>"
+        f"<p>Name: <b data-test='name'>{html.escape(str(name))}</b></p>"
+        "<p><a href='/ui/' data-test='to-ui'>open the htag counter</a></p>"
+        "<form action='/name'><input name='value' data-test='name-input'>"
+        "<button data-test='set-name'>set my name</button></form>"
+        "</body></html>"
     )
+
+
+@quart_app.route("/name")
+async def set_name() -> Any:
+    session["name"] = request.args.get("value", "world")
+    return redirect("/ui/", 303)
+
+
+@quart_app.route("/api/session")
+async def read_session() -> Any:
+    return jsonify(clicks=session.get("clicks", 0), name=session.get("name"))
 
 
 @quart_app.route("/api/ping")
@@ -104,4 +155,4 @@ async def ping() -> Any:
     return jsonify(framework="quart", pong=True)
 
 
-app = PathDispatcher(quart_app, {"/ui": ui})
+app = SessionMiddleware(PathDispatcher(quart_app, {"/ui": ui}), store=store, secret=secret)
