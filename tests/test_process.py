@@ -776,15 +776,79 @@ def test_a_worker_that_comes_while_the_fork_server_stops_gets_a_new_one(runtime)
         await first.aclose()  # the last worker goes (a restart): grace, then the zygote stops,
         await anyio.sleep(0.6)  # and waits 1.5 s for its process to end
         second = ProcessPool(cfg)  # the next worker comes meanwhile
+        starts = []
+        start_zygote = second._start_zygote
+
+        async def counted() -> None:
+            starts.append(_gone(old_zygote))
+            await start_zygote()
+
+        second._start_zygote = counted  # type: ignore[method-assign]
         try:
             await second.ensure_zygote()
             info = await second.spawn("ef" * 10, "tests.apps:Counter", [[], {}], {}, OPTS)
-            return old, old_zygote, info, (await second.stats())["pid"]
+            return old, old_zygote, info, (await second.stats())["pid"], starts
         finally:
             await second.aclose()
 
-    old, old_zygote, info, new_zygote = anyio.run(go)
+    old, old_zygote, info, new_zygote, starts = anyio.run(go)
     assert new_zygote != old_zygote and info["created"] and info["pid"] != old["pid"]
+    # one interpreter started, while the old one was still there: it waited for the old
+    # one's lock instead of stepping aside (the worker then started one every 0.2 s)
+    assert starts == [False]
+
+
+@pytest.mark.parametrize("listening", [False, True])
+def test_a_new_zygote_waits_for_a_stopping_ones_lock_and_steps_aside_for_a_listening_one(runtime, listening):
+    """The lifetime lock is held (by a zygote on its way out, or by one that serves): the
+    new zygote waits for it only when nobody listens on the socket."""
+    import fcntl
+    import threading
+
+    from asgi_htag.process.zygote import Zygote
+
+    held = open(runtime / "zygote.life.lock", "a+")
+    fcntl.flock(held, fcntl.LOCK_EX)
+    listener = None
+    if listening:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(runtime / "zygote.s"))
+        listener.listen(1)
+    released = []
+
+    def release_later() -> None:
+        time.sleep(0.5)
+        released.append(True)
+        held.close()
+
+    releaser = threading.Thread(target=release_later)
+    releaser.start()
+    zygote = Zygote({"runtime_dir": str(runtime)})
+    try:
+        took = zygote.acquire(wait_seconds=60)
+        order = list(released)
+    finally:
+        releaser.join()
+        for f in zygote.lock_files:
+            f.close()
+        if listener is not None:
+            listener.close()
+    if listening:
+        assert (took, order) == (False, [])  # did not wait for the lock
+    else:
+        assert (took, order) == (True, [True])  # had it once the holder let go
+
+    # a holder that never lets go: the wait ends, and the new zygote steps aside
+    # (pytest-timeout's SIGALRM timer, running now, is put back as it was)
+    held = open(runtime / "zygote.life.lock", "a+")
+    fcntl.flock(held, fcntl.LOCK_EX)
+    handler, (left, _) = signal.getsignal(signal.SIGALRM), signal.getitimer(signal.ITIMER_REAL)
+    try:
+        assert Zygote({"runtime_dir": str(runtime)}).acquire(wait_seconds=0.2) is False
+        assert signal.getsignal(signal.SIGALRM) is handler
+        assert (signal.getitimer(signal.ITIMER_REAL)[0] > 0) == (left > 0)
+    finally:
+        held.close()
 
 
 def test_ending_a_sessions_processes_starts_no_fork_server_when_none_runs(runtime):

@@ -226,7 +226,8 @@ class ProcessPool:
                 except (*_STREAM_ERRORS, TimeoutError, ProtocolError) as exc:
                     # None answers, or one is on its way out: it stops listening first and
                     # lets its lock go once its processes are gone (a few seconds at most);
-                    # until then a new one finds it there and steps aside (EXISTS).
+                    # the one we start waits for that lock, then serves (READY). EXISTS: one
+                    # started by another worker got there first; we ask it again.
                     if time.monotonic() > deadline:
                         raise ProcessStartError(f"no fork server answers in {self._runtime}: {exc!r}") from exc
                     if started:

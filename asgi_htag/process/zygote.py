@@ -139,8 +139,13 @@ class Zygote:
         self.forker_pidfd = -1
 
     # --- start-up ---------------------------------------------------------------------
-    def acquire(self) -> bool:
-        """Take the lifetime lock; False if another zygote already serves this directory."""
+    def acquire(self, wait_seconds: float = 20.0) -> bool:
+        """Take the lifetime lock; False if another zygote already serves this directory.
+
+        A zygote that holds the lock but no longer listens is on its way out (it stops
+        listening first, then waits a few seconds for its processes): we wait for its lock,
+        ``wait_seconds`` at most, and take over, rather than step aside and have the worker
+        start interpreter after interpreter until it is gone."""
         start = open(os.path.join(self.runtime_dir, "zygote.start.lock"), "a+")
         fcntl.flock(start, fcntl.LOCK_EX)  # blocks while another zygote is starting
         life = open(os.path.join(self.runtime_dir, "zygote.life.lock"), "a+")
@@ -149,11 +154,25 @@ class Zygote:
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            life.close()
-            start.close()
-            return False
+            # the holder got past its start (we hold the start lock): it listens, or it stops
+            if self._someone_listens() or not _flock_within(life, wait_seconds):
+                life.close()
+                start.close()
+                return False
+            logger.info("zygote %s: the previous fork server has stopped; taking over", os.getpid())
         self.lock_files = [start, life]
         return True
+
+    def _someone_listens(self) -> bool:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(5)
+            probe.connect(os.path.join(self.runtime_dir, "zygote.s"))
+            return True
+        except OSError:  # no socket file, or nobody accepts on it (ECONNREFUSED)
+            return False
+        finally:
+            probe.close()
 
     def listen(self) -> None:
         path = os.path.join(self.runtime_dir, "zygote.s")
@@ -177,6 +196,9 @@ class Zygote:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # the grace period counts from here: the imports, the warm-up and any wait for a
+        # previous zygote's lock are not time in which a worker could have come
+        self.idle_since = time.monotonic()
         # release the start lock: waiting zygotes now see us listening and give up
         fcntl.flock(self.lock_files[0], fcntl.LOCK_UN)
 
@@ -666,6 +688,33 @@ class Zygote:
                 pass
             self.listener.close()
             self.listener = None
+
+
+class _LockWaitOver(Exception):
+    pass
+
+
+def _flock_within(f: Any, seconds: float) -> bool:
+    """``flock(f, LOCK_EX)``, giving up after ``seconds``. Interrupted by SIGALRM (the
+    zygote is single-threaded at this point); a real-time timer already running (none in
+    the zygote) is put back afterwards with what it had left, and its handler too."""
+
+    def give_up(signum: int, frame: Any) -> None:
+        raise _LockWaitOver()
+
+    began = time.monotonic()
+    previous = signal.signal(signal.SIGALRM, give_up)
+    was_left, was_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        return True
+    except _LockWaitOver:
+        return False
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if was_left > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(0.001, was_left - (time.monotonic() - began)), was_interval)
 
 
 def _stamp(path: str) -> Any:
