@@ -21,6 +21,7 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, Iterable, Iterator, List, Mapping, MutableMapping, Optional, Set, Tuple, Union
 
@@ -49,8 +50,15 @@ _SAME_SITE = {"lax": "Lax", "strict": "Strict", "none": "None"}
 # HMAC each), and only the few whose signature holds are looked up in the store.
 _MAX_COOKIE_VALUES = 64
 _MAX_COOKIE_CANDIDATES = 4
+# expired ids a store keeps for take_expired between two sweeps (older ones are forgotten)
+_MAX_PENDING_EXPIRED = 10000
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _monotonic() -> float:
+    """When the next sweep of expired sessions is due (a function, so tests can move it)."""
+    return time.monotonic()
 
 
 def _now() -> float:
@@ -138,6 +146,15 @@ class SessionStore(ABC):
     async def close(self) -> None:
         """Release the store's resources."""
 
+    async def take_expired(self, limit: int = 256) -> List[str]:
+        """Remove up to ``limit`` sessions that have expired and return their ids, each id
+        to one caller only, so that what was attached to them (their processes) can be ended.
+
+        This default returns ``[]``: a store whose entries vanish by themselves (Redis keys
+        with a TTL) cannot tell which did. The stores in asgi_htag's core implement it.
+        """
+        return []
+
     def version(self) -> Optional[Any]:
         """A cheap token that changes whenever any session of this store may have changed,
         as seen from this process; None when the store cannot tell cheaply. A long-lived
@@ -156,6 +173,8 @@ class MemoryStore(SessionStore):
         self.max_age_seconds = _check_max_age(max_age_seconds)
         self._rows: Dict[str, Tuple[str, float]] = {}
         self._version = 0
+        # ids of expired rows dropped on the way (a load after expiry), for take_expired
+        self._expired: "deque[str]" = deque(maxlen=_MAX_PENDING_EXPIRED)
 
     def version(self) -> Optional[Any]:
         """See :meth:`SessionStore.version`: a counter of this store's writes."""
@@ -167,8 +186,17 @@ class MemoryStore(SessionStore):
             return None
         if row[1] <= _now():
             del self._rows[sid]
+            self._expired.append(sid)
             return None
         return _decode_data(row[0])
+
+    async def take_expired(self, limit: int = 256) -> List[str]:
+        """See :meth:`SessionStore.take_expired`."""
+        now = _now()
+        for sid in [sid for sid, (_, expires) in self._rows.items() if expires <= now]:
+            del self._rows[sid]
+            self._expired.append(sid)
+        return [self._expired.popleft() for _ in range(min(limit, len(self._expired)))]
 
     async def load(self, sid: str) -> Optional[Dict[str, Any]]:
         """See :meth:`SessionStore.load`."""
@@ -248,6 +276,8 @@ class SQLiteStore(SessionStore):
         self._write_lock = threading.Lock()
         self._writes = 0
         self._expires: Dict[str, float] = {}
+        # ids of expired rows the periodic purge removed, for take_expired
+        self._expired: "deque[str]" = deque(maxlen=_MAX_PENDING_EXPIRED)
         # Connections inherited through fork() belong to the parent: closing them here could
         # disturb its locks, so they are kept referenced and never touched again.
         self._inherited: List[sqlite3.Connection] = []
@@ -371,12 +401,14 @@ class SQLiteStore(SessionStore):
                     "INSERT OR REPLACE INTO sessions (sid, data, expires) VALUES (?, ?, ?)",
                     (sid, _dumps(data), expires),
                 )
+                purged: List[str] = []
                 if self._writes % self._PURGE_EVERY_WRITES == 0:
-                    purged = conn.execute("DELETE FROM sessions WHERE expires <= ?", (now,)).rowcount
-                    if purged:
-                        logger.debug("session store: purged %s expired sessions", purged)
+                    purged = self._take_expired_in(conn, now, _MAX_PENDING_EXPIRED)
                 self._writes += 1
                 conn.execute("COMMIT")
+                if purged:
+                    self._expired.extend(purged)
+                    logger.debug("session store: purged %s expired sessions", len(purged))
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -424,6 +456,40 @@ class SQLiteStore(SessionStore):
         with self._write_lock:
             conn.execute("DELETE FROM sessions WHERE sid = ?", (sid,))
             self._expires.pop(sid, None)
+
+    @staticmethod
+    def _take_expired_in(conn: sqlite3.Connection, now: float, limit: int) -> List[str]:
+        """Inside a write transaction: delete up to ``limit`` expired rows, return their ids."""
+        sids = [row[0] for row in conn.execute("SELECT sid FROM sessions WHERE expires <= ? LIMIT ?", (now, limit))]
+        for i in range(0, len(sids), 500):  # under SQLite's limit of variables per statement
+            chunk = sids[i : i + 500]
+            conn.execute(f"DELETE FROM sessions WHERE sid IN ({','.join('?' * len(chunk))})", chunk)
+        return sids
+
+    def _take_expired_sync(self, limit: int) -> List[str]:
+        conn = self._writer
+        assert conn is not None
+        with self._write_lock:
+            fresh: List[str] = []
+            if len(self._expired) < limit:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    fresh = self._take_expired_in(conn, _now(), limit - len(self._expired))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            taken = [self._expired.popleft() for _ in range(min(limit, len(self._expired)))] + fresh
+            for sid in taken:
+                self._expires.pop(sid, None)
+            return taken
+
+    async def take_expired(self, limit: int = 256) -> List[str]:
+        """See :meth:`SessionStore.take_expired`: one transaction, in a worker thread, so
+        that of several processes sweeping at once each expired id goes to one of them."""
+        await self._ready()
+        return await anyio.to_thread.run_sync(self._take_expired_sync, limit, limiter=self._limiter())
 
     async def delete(self, sid: str) -> None:
         """See :meth:`SessionStore.delete`. Runs in a worker thread."""
@@ -758,7 +824,13 @@ class SessionMiddleware:
                 over https/wss (None).
             on_drop: awaited with each session id this middleware deletes from the store
                 (after ``clear()`` or ``invalidate()``, and the old id of ``regenerate_id()``),
-                once it is deleted; what it raises is logged, not raised.
+                once it is deleted; what it raises is logged, not raised. Also, once the
+                response is sent, with the ids of sessions found expired: the one a browser
+                still holds the (validly signed) cookie of, and, every so often (a
+                twentieth of the store's ``max_age_seconds``, 1 to 60 s), those the store's
+                :meth:`SessionStore.take_expired` hands out. So an expired session's
+                processes end too, rather than wait for ``timeout_inactivity`` (never, by
+                default) while counting against ``max_processes``.
 
         Raises:
             ConfigurationError: an argument is missing, malformed or out of range.
@@ -798,6 +870,10 @@ class SessionMiddleware:
         if on_drop is not None and not callable(on_drop):
             raise ConfigurationError("on_drop must be an async callable taking a session id")
         self.on_drop = on_drop
+        max_age = getattr(store, "max_age_seconds", DEFAULT_MAX_AGE_SECONDS)
+        self.sweep_seconds = max(1.0, min(60.0, float(max_age) / 20))
+        self._next_sweep = _monotonic() + self.sweep_seconds
+        self._sweeping = False
 
     def __repr__(self) -> str:
         return f"SessionMiddleware(app={self.app!r}, store={self.store!r}, cookie_name={self.cookie_name!r})"
@@ -807,7 +883,8 @@ class SessionMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        session = await self._load(scope)
+        dead: List[str] = []  # validly signed ids the store no longer has (expired)
+        session = await self._load(scope, dead)
         scope["session"] = session
         # The sid whose cookie the browser holds; only it may be touched or dropped.
         browser_sid = session.sid
@@ -829,6 +906,7 @@ class SessionMiddleware:
                 await send(message)
 
             await self.app(scope, receive, send_http)
+            await self._after(dead)
             return
 
         accepted = False
@@ -847,8 +925,38 @@ class SessionMiddleware:
         await self.app(scope, receive, send_ws)
         if accepted:
             await self._commit_after_accept(session, browser_sid)
+        await self._after(dead)
 
-    async def _load(self, scope: Scope) -> Session:
+    async def _after(self, dead: List[str]) -> None:
+        """Once the response is sent: tell ``on_drop`` of expired sessions (see __init__)."""
+        if self.on_drop is None:
+            return
+        for sid in dead:
+            await self._report_drop(sid)
+        if self._sweeping or _monotonic() < self._next_sweep:
+            return
+        self._sweeping = True
+        try:
+            expired = await self.store.take_expired()
+        except Exception:
+            logger.exception("could not take the expired sessions from the store")
+            expired = []
+        finally:
+            self._next_sweep = _monotonic() + self.sweep_seconds
+            self._sweeping = False
+        if expired:
+            logger.info("%s expired session(s) removed from the store", len(expired))
+        for sid in expired:
+            await self._report_drop(sid)
+
+    async def _report_drop(self, sid: str) -> None:
+        assert self.on_drop is not None
+        try:
+            await self.on_drop(sid)
+        except Exception:
+            logger.exception("on_drop failed for session %s...", sid[:6])
+
+    async def _load(self, scope: Scope, dead: List[str]) -> Session:
         lookups = 0
         for value in _cookie_values(scope.get("headers") or (), self.cookie_name):
             sid = unsign_cookie(self._secret, value)
@@ -861,6 +969,7 @@ class SessionMiddleware:
             if data is not None:
                 return Session(self.store, sid=sid, data=data)
             logger.debug("session %s... is unknown or expired; starting a new one", sid[:6])
+            dead.append(sid)
         return Session(self.store)
 
     def _secure(self, scope: Scope) -> bool:
@@ -909,10 +1018,7 @@ class SessionMiddleware:
         await session.commit()
         if self.on_drop is not None:
             for sid in dropped:
-                try:
-                    await self.on_drop(sid)
-                except Exception:
-                    logger.exception("on_drop failed for session %s...", sid[:6])
+                await self._report_drop(sid)
 
     async def _commit_after_accept(self, session: Session, browser_sid: Optional[str]) -> None:
         if not session.modified:

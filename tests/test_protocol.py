@@ -196,6 +196,45 @@ def test_a_dropped_session_takes_its_processes_with_it(make_server):
             assert Page(newcomer, "/").status == 200, "a new visitor still gets a process"
 
 
+def test_an_expired_sessions_processes_end_when_it_comes_back_or_at_the_next_sweep(make_server):
+    import httpx
+
+    srv = make_server(env={"TEST_STORE_MAX_AGE": "2", "TEST_MAX_PROCESSES": "3"})  # sweeps every 1 s
+
+    def pids(client):
+        return client.get("/_stats").json()["pids"]
+
+    def wait_for(client, n):
+        for _ in range(100):
+            if len(pids(client)) == n:
+                return True
+            time.sleep(0.1)
+        return False
+
+    with httpx.Client(base_url=srv.url, timeout=30) as back, httpx.Client(base_url=srv.url, timeout=30) as gone:
+        for c in (back, gone):
+            page = Page(c, "/")
+            with page.ws() as ws:
+                assert texts_of(click(ws, page, "inc"))["value"] == "1"
+        old = pids(back)
+        assert len(old) == 2
+        time.sleep(2.6)  # both sessions expire (no request, no click)
+        # one browser comes back: its old cookie is signed but its session is no more
+        fresh = Page(back, "/")
+        assert fresh.texts["value"] == "0", "a new session, a new instance"
+        # once that answer is sent, the process of the session that came back ends, and
+        # the other one's at the sweep (after a request, every twentieth of the store's
+        # lifetime, 1 s at least): both would otherwise stay, for ever by default
+        assert wait_for(back, 1), pids(back)
+        assert not set(pids(back)) & set(old)
+        with httpx.Client(base_url=srv.url, timeout=30) as newcomer:  # max_processes=3: room again
+            page = Page(newcomer, "/")
+            with page.ws() as ws:
+                assert texts_of(click(ws, page, "inc"))["value"] == "1"
+        with fresh.ws() as ws:
+            assert texts_of(click(ws, fresh, "inc"))["value"] == "1", "the new session's page works"
+
+
 def test_the_session_cookie_takes_the_attributes_it_is_given(make_server):
     import httpx
 

@@ -444,6 +444,113 @@ def test_existing_session_expiry_is_refreshed(monkeypatch: pytest.MonkeyPatch) -
     assert body == {"sid": None, "data": {}}
 
 
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_stores_hand_out_each_expired_session_id_once(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1_000_000.0]
+    monkeypatch.setattr(sessions, "_now", lambda: clock[0])
+    store: Any = MemoryStore(max_age_seconds=100) if kind == "memory" else SQLiteStore(tmp_path / "s.db", max_age_seconds=100)
+
+    async def main() -> Tuple[Any, ...]:
+        for sid in ("a" * 20, "b" * 20, "c" * 20):
+            await store.apply(sid, {"k": sid[0]}, [])
+        clock[0] += 50
+        await store.touch("c" * 20)  # c lives on
+        nothing_yet = await store.take_expired()
+        clock[0] += 60
+        first = sorted(await store.take_expired())
+        again = await store.take_expired()
+        c_alive = await store.load("c" * 20)
+        for i in range(5):
+            await store.apply(f"{i}" * 20, {}, [])
+        clock[0] += 101  # c and the five expire
+        limited = [await store.take_expired(limit=2) for _ in range(4)]
+        return nothing_yet, first, again, c_alive, limited
+
+    nothing_yet, first, again, c_alive, limited = anyio.run(main)
+    assert nothing_yet == [] and first == ["a" * 20, "b" * 20] and again == [] and c_alive == {"k": "c"}
+    assert [len(batch) for batch in limited] == [2, 2, 2, 0]
+    assert sorted(sum(limited, [])) == sorted(["c" * 20] + [f"{i}" * 20 for i in range(5)])
+    if kind == "sqlite":
+        anyio.run(store.close)
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_expired_ids_a_store_drops_on_its_own_are_handed_out_too(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MemoryStore drops an expired row when it is read, a SQLiteStore in its periodic
+    purge (within a write): take_expired still hands those ids out."""
+    clock = [1_000_000.0]
+    monkeypatch.setattr(sessions, "_now", lambda: clock[0])
+    store: Any = MemoryStore(max_age_seconds=100) if kind == "memory" else SQLiteStore(tmp_path / "s.db", max_age_seconds=100)
+
+    async def main() -> List[str]:
+        await store.apply("old" * 7, {"k": 1}, [])
+        clock[0] += 101
+        if kind == "memory":
+            assert await store.load("old" * 7) is None
+        else:
+            store._writes = 0  # the next write purges
+            await store.apply("new" * 7, {"k": 2}, [])
+            assert store._writer.execute("SELECT count(*) FROM sessions").fetchone()[0] == 1, "purged"
+        taken = await store.take_expired()
+        if kind == "sqlite":
+            await store.close()
+        return taken
+
+    assert anyio.run(main) == ["old" * 7]
+
+
+def test_the_middleware_tells_on_drop_of_expired_sessions_once_the_response_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1_000_000.0]
+    mono = [500.0]
+    monkeypatch.setattr(sessions, "_now", lambda: clock[0])
+    monkeypatch.setattr(sessions, "_monotonic", lambda: mono[0])
+    store = MemoryStore(max_age_seconds=100)
+    dropped: List[str] = []
+    sent_before_drop: List[bool] = []
+
+    async def on_drop(sid: str) -> None:
+        dropped.append(sid)
+        if sid == "boom":
+            raise RuntimeError("logged, not raised")
+
+    app = SessionMiddleware(raw_app, store=store, secret=SECRET, on_drop=on_drop)
+    assert app.sweep_seconds == 5.0  # a twentieth of the store's lifetime, within 1..60 s
+    start, one = request(app, "/set/k/1")
+    cookie_one = cookie_value(start)
+    _, two = request(app, "/set/k/2")
+    clock[0] += 101  # both expire
+    # a browser comes back with the (validly signed) cookie of an expired session
+    _, fresh = request(app, "/peek", cookie=cookie_one)
+    assert dropped == [one["sid"]], "reported when its cookie comes back"
+    # forged or foreign cookies report nothing
+    request(app, "/peek", cookie=cookie_one[:-2] + "xx")
+    request(app, "/peek", cookie=sign_sid(Secret(b"o" * 32), two["sid"]))
+    assert dropped == [one["sid"]]
+    # the sweep: not before its time, then every expired session the store still held
+    mono[0] += 4.9
+    request(app, "/peek")
+    assert dropped == [one["sid"]]
+    mono[0] += 0.2
+    request(app, "/peek")
+    assert set(dropped) == {one["sid"], two["sid"]}
+    count = len(dropped)
+    mono[0] += 5.1
+    request(app, "/peek")
+    assert len(dropped) == count, "each expired id is handed out once"
+    # a failing hook: logged, the request unharmed
+    store._expired.append("boom")
+    mono[0] += 5.1
+    start, body = request(app, "/set/k/3")
+    assert body["data"] == {"k": "3"} and dropped[-1] == "boom"
+
+    # without on_drop, no sweep takes ids from the store
+    quiet = SessionMiddleware(raw_app, store=store, secret=SECRET)
+    store._expired.append("kept")
+    mono[0] += 100
+    request(quiet, "/peek")
+    assert list(store._expired) == ["kept"]
+
+
 def test_lifespan_passes_through() -> None:
     seen: List[Dict[str, Any]] = []
 
