@@ -269,10 +269,10 @@ class Engine:
 
     def session_middleware(self, app: Any) -> SessionMiddleware:
         return SessionMiddleware(
-            app, store=self.store, secret=self.secret, on_drop=self._session_dropped, **self.session_cookie
+            app, store=self.store, secret=self.secret, on_drop=self.session_dropped, **self.session_cookie
         )
 
-    async def _session_dropped(self, sid: str) -> None:
+    async def session_dropped(self, sid: str) -> None:
         """A session was dropped (a logout's clear(), the old id of a regenerate_id()): its
         processes are unreachable from now on, so they go instead of waiting for
         timeout_inactivity (never, by default) and counting against max_processes."""
@@ -816,6 +816,14 @@ class HtagASGI:
         session middleware this app uses, so that ``request.session`` there and
         ``tag.session`` here are one session."""
         return self.engine.session_middleware(app)
+
+    async def session_dropped(self, sid: str) -> None:
+        """End the processes of session ``sid``. Give it as ``on_drop`` to a
+        :class:`SessionMiddleware` of your own that wraps the host app
+        (``app.add_middleware(SessionMiddleware, store=..., secret=...,
+        on_drop=ui.session_dropped)``): a logout there, or an expired session, then ends
+        them, as under :class:`Runner` or :meth:`session_middleware`."""
+        await self.engine.session_dropped(sid)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

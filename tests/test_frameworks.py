@@ -1,6 +1,7 @@
 """HtagASGI inside other frameworks: the FastAPI and Quart examples under a real uvicorn,
 checked with the protocol client and in a real Chromium."""
 import json
+import time
 from typing import Iterator
 
 import pytest
@@ -88,6 +89,30 @@ def test_framework_route_and_htag_app_read_and_write_one_session(framework, requ
     assert [cookie.name for cookie in c.cookies.jar] == ["asgi_htag_session"]
     other = client_of(server)
     assert other.get("/api/session").json() == {"clicks": 0, "name": None}
+
+
+@pytest.mark.parametrize("framework", ["fastapi", "quart"])
+def test_framework_logout_ends_the_htag_process_and_its_page_is_told(framework, request, client_of):
+    server = request.getfixturevalue(f"{framework}_server")
+
+    def processes():
+        return {p.name for p in server.runtime_dir.glob("*.s") if p.name != "zygote.s"}
+
+    c = client_of(server)
+    page = Page(c, "/name?value=Eve")
+    with page.ws() as ws:
+        assert click(page, "inc", ws)["value"] == "1"
+        before = processes()
+        home = c.get("/logout")  # a route of the framework: session.clear()
+        assert home.status_code == 200 and home.url.path == "/"
+        assert recv_json(ws)["asgi_htag"] == "gone", "its open page is told, and reloads"
+    assert c.get("/api/session").json() == {"clicks": 0, "name": None}
+    for _ in range(100):
+        if len(processes()) == len(before) - 1:
+            break
+        time.sleep(0.1)
+    assert processes() < before, "the session's process ended (on_drop=ui.session_dropped)"
+    assert Page(c, "/ui/").texts["value"] == "0", "a new session, a new instance"
 
 
 # --- Quart ------------------------------------------------------------------------------

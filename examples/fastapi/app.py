@@ -11,6 +11,7 @@ session); FastAPI keeps its own routes:
 * ``GET /name?value=Bob``   a FastAPI route writes ``request.session["name"]``; the counter
   page greets "Hello Bob"
 * ``GET /api/session``      JSON of the session, including ``clicks`` written by the htag app
+* ``GET /logout``           clears the session: its cookie and its htag process go too
 
 ``asgi_htag.SessionMiddleware`` wraps the whole FastAPI app, so ``request.session`` in the
 routes and ``self.session`` in the htag app are the same data (a SQLite store in the state
@@ -75,7 +76,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 app = FastAPI(lifespan=lifespan)
-app.add_middleware(SessionMiddleware, store=store, secret=secret)
+# on_drop: a logout (session.clear()) or an expired session ends its htag processes
+app.add_middleware(SessionMiddleware, store=store, secret=secret, on_drop=ui.session_dropped)
 app.mount("/ui", ui)
 
 
@@ -99,6 +101,12 @@ async def home(request: Request) -> str:
 async def set_name(request: Request, value: str = "world") -> RedirectResponse:
     request.session["name"] = value
     return RedirectResponse("/ui/", status_code=303)
+
+
+@app.get("/logout")
+async def logout(request: Request) -> RedirectResponse:
+    request.session.clear()  # the session, its cookie and its htag process go
+    return RedirectResponse("/", status_code=303)
 
 
 @app.get("/api/session")

@@ -11,6 +11,7 @@ one process per browser session). Quart's routes:
 * ``GET /name?value=Bob``   a Quart route writes ``session["name"]``; the counter page
   greets "Hello Bob"
 * ``GET /api/session``      JSON of the session, including ``clicks`` written by the htag app
+* ``GET /logout``           clears the session: its cookie and its htag process go too
 * ``GET /api/ping``         JSON, to show Quart's own routes answer beside the htag app
 
 ``asgi_htag.SessionMiddleware`` wraps the whole ASGI app and Quart's ``session_interface``
@@ -145,6 +146,12 @@ async def set_name() -> Any:
     return redirect("/ui/", 303)
 
 
+@quart_app.route("/logout")
+async def logout() -> Any:
+    session.clear()  # the session, its cookie and its htag process go
+    return redirect("/", 303)
+
+
 @quart_app.route("/api/session")
 async def read_session() -> Any:
     return jsonify(clicks=session.get("clicks", 0), name=session.get("name"))
@@ -155,4 +162,5 @@ async def ping() -> Any:
     return jsonify(framework="quart", pong=True)
 
 
-app = SessionMiddleware(PathDispatcher(quart_app, {"/ui": ui}), store=store, secret=secret)
+# on_drop: a logout (session.clear()) or an expired session ends its htag processes
+app = SessionMiddleware(PathDispatcher(quart_app, {"/ui": ui}), store=store, secret=secret, on_drop=ui.session_dropped)
