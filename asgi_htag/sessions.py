@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections import deque
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, Iterable, Iterator, List, Mapping, MutableMapping, Optional, Set, Tuple, Union
 
@@ -52,6 +52,7 @@ _MAX_COOKIE_VALUES = 64
 _MAX_COOKIE_CANDIDATES = 4
 # expired ids a store keeps for take_expired between two sweeps (older ones are forgotten)
 _MAX_PENDING_EXPIRED = 10000
+_MAX_REPORTED_DEAD = 1024
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -874,6 +875,9 @@ class SessionMiddleware:
         self.sweep_seconds = max(1.0, min(60.0, float(max_age) / 20))
         self._next_sweep = _monotonic() + self.sweep_seconds
         self._sweeping = False
+        # expired ids already told to on_drop: a browser sends its dead cookie with every
+        # request until it gets a new one, and one report per id is enough
+        self._reported: "OrderedDict[str, None]" = OrderedDict()
 
     def __repr__(self) -> str:
         return f"SessionMiddleware(app={self.app!r}, store={self.store!r}, cookie_name={self.cookie_name!r})"
@@ -932,6 +936,11 @@ class SessionMiddleware:
         if self.on_drop is None:
             return
         for sid in dead:
+            if sid in self._reported:
+                continue
+            self._reported[sid] = None
+            if len(self._reported) > _MAX_REPORTED_DEAD:
+                self._reported.popitem(last=False)
             await self._report_drop(sid)
         if self._sweeping or _monotonic() < self._next_sweep:
             return

@@ -522,6 +522,8 @@ def test_the_middleware_tells_on_drop_of_expired_sessions_once_the_response_is_s
     # a browser comes back with the (validly signed) cookie of an expired session
     _, fresh = request(app, "/peek", cookie=cookie_one)
     assert dropped == [one["sid"]], "reported when its cookie comes back"
+    request(app, "/peek", cookie=cookie_one)
+    assert dropped == [one["sid"]], "once: the browser sends it until it gets a new one"
     # forged or foreign cookies report nothing
     request(app, "/peek", cookie=cookie_one[:-2] + "xx")
     request(app, "/peek", cookie=sign_sid(Secret(b"o" * 32), two["sid"]))
