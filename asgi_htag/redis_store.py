@@ -38,6 +38,11 @@ class RedisStore(SessionStore):
     It runs on asyncio only (``redis.asyncio``); its first use under trio raises a
     ConfigurationError that says so.
 
+    Sessions expire as Redis keys with a TTL, silently: :meth:`take_expired` (inherited)
+    has nothing to hand out, so an expired session's processes end when its browser comes
+    back with the old cookie (see :class:`~asgi_htag.sessions.SessionMiddleware`'s
+    ``on_drop``), or after ``timeout_inactivity``.
+
     Raises:
         ConfigurationError: ``max_age_seconds`` is not a positive number.
         ImportError: the ``redis`` package is not installed.
