@@ -193,6 +193,8 @@ class MemoryStore(SessionStore):
 
     async def take_expired(self, limit: int = 256) -> List[str]:
         """See :meth:`SessionStore.take_expired`."""
+        if limit <= 0:
+            return []
         now = _now()
         for sid in [sid for sid, (_, expires) in self._rows.items() if expires <= now]:
             del self._rows[sid]
@@ -489,6 +491,8 @@ class SQLiteStore(SessionStore):
     async def take_expired(self, limit: int = 256) -> List[str]:
         """See :meth:`SessionStore.take_expired`: one transaction, in a worker thread, so
         that of several processes sweeping at once each expired id goes to one of them."""
+        if limit <= 0:  # (SQLite reads a negative LIMIT as none)
+            return []
         await self._ready()
         return await anyio.to_thread.run_sync(self._take_expired_sync, limit, limiter=self._limiter())
 

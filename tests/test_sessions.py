@@ -463,6 +463,7 @@ def test_stores_hand_out_each_expired_session_id_once(kind: str, tmp_path: Path,
         for i in range(5):
             await store.apply(f"{i}" * 20, {}, [])
         clock[0] += 101  # c and the five expire
+        assert await store.take_expired(limit=0) == [] and await store.take_expired(limit=-1) == []
         limited = [await store.take_expired(limit=2) for _ in range(4)]
         return nothing_yet, first, again, c_alive, limited
 
