@@ -699,18 +699,23 @@ def _flock_within(f: Any, seconds: float) -> bool:
     zygote is single-threaded at this point); a real-time timer already running (none in
     the zygote) is put back afterwards with what it had left, and its handler too."""
 
+    waiting = [True]
+
     def give_up(signum: int, frame: Any) -> None:
-        raise _LockWaitOver()
+        if waiting[0]:  # not once the lock is ours (the timer may fire on the way out)
+            raise _LockWaitOver()
 
     began = time.monotonic()
     previous = signal.signal(signal.SIGALRM, give_up)
     was_left, was_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         fcntl.flock(f, fcntl.LOCK_EX)
+        waiting[0] = False
         return True
     except _LockWaitOver:
-        return False
+        return False  # (if it came just as the lock was taken, closing the file lets it go)
     finally:
+        waiting[0] = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         if was_left > 0:
