@@ -196,10 +196,11 @@ def test_a_dropped_session_takes_its_processes_with_it(make_server):
             assert Page(newcomer, "/").status == 200, "a new visitor still gets a process"
 
 
-def test_an_expired_sessions_processes_end_when_it_comes_back_or_at_the_next_sweep(make_server):
+@pytest.mark.parametrize("kind", ["uvicorn", "hypercorn"])  # hypercorn: its trio worker
+def test_an_expired_sessions_processes_end_when_it_comes_back_or_at_the_next_sweep(make_server, kind):
     import httpx
 
-    srv = make_server(env={"TEST_STORE_MAX_AGE": "2", "TEST_MAX_PROCESSES": "3"})  # sweeps every 1 s
+    srv = make_server(kind=kind, env={"TEST_STORE_MAX_AGE": "2", "TEST_MAX_PROCESSES": "3"})  # sweeps every 1 s
 
     def pids(client):
         return client.get("/_stats").json()["pids"]
