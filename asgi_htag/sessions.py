@@ -940,12 +940,7 @@ class SessionMiddleware:
         if self.on_drop is None:
             return
         for sid in dead:
-            if sid in self._reported:
-                continue
-            self._reported[sid] = None
-            if len(self._reported) > _MAX_REPORTED_DEAD:
-                self._reported.popitem(last=False)
-            await self._report_drop(sid)
+            await self._report_expired(sid)
         if self._sweeping or _monotonic() < self._next_sweep:
             return
         self._sweeping = True
@@ -960,7 +955,18 @@ class SessionMiddleware:
         if expired:
             logger.info("%s expired session(s) removed from the store", len(expired))
         for sid in expired:
-            await self._report_drop(sid)
+            await self._report_expired(sid)
+
+    async def _report_expired(self, sid: str) -> None:
+        """``on_drop(sid)`` once per expired id in this worker: a browser sends its dead
+        cookie with every request until it gets a new one, and the sweep may hand out an id
+        whose cookie came back before."""
+        if sid in self._reported:
+            return
+        self._reported[sid] = None
+        if len(self._reported) > _MAX_REPORTED_DEAD:
+            self._reported.popitem(last=False)
+        await self._report_drop(sid)
 
     async def _report_drop(self, sid: str) -> None:
         assert self.on_drop is not None

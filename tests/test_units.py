@@ -434,11 +434,12 @@ def test_session_process_frees_an_interactions_reference_cycles_after_answering(
         return seen
 
     _CycleMaker.collected = 0
+    thresholds = gc.get_threshold()
     gc.set_threshold(100_000)  # the collector's own turn never comes during the test
     try:
         assert asyncio.run(main()) == [1, 2, 3, 4, 5]
     finally:
-        gc.set_threshold(700, 10, 10)
+        gc.set_threshold(*thresholds)
 
 
 def test_forker_fills_its_half_used_pools_before_forking():
