@@ -379,6 +379,40 @@ def test_hostile_interactions_get_errors_and_the_connection_keeps_working(runtim
     assert good["t"] == "actions" and "update" in json.loads(good["raw"])
 
 
+def test_at_max_processes_a_new_process_waits_for_one_told_to_go_but_not_past_its_limit(runtime):
+    """max_processes=1. A session dropped (kill_owner) frees its place within moments: the
+    next session's process waits for it instead of being refused. One that a click keeps
+    busy holds its place longer than the wait (0.5 s here): refused, until it is gone."""
+    from asgi_htag.exceptions import PoolFull
+
+    async def scenario(pool):
+        first = await pool.spawn("1" * 20, "tests.apps:Counter", [[], {}], {}, OPTS, owner="a" * 20)
+        assert await pool.end_owner("a" * 20) == 1
+        second = await pool.spawn("2" * 20, "tests.apps:Holder", [["3"], {}], {}, OPTS, owner="b" * 20)
+        after_second = (await pool.stats())["pids"]
+        conn = await pool.connect("2" * 20)
+        try:
+            html = (await conn.request({"t": "render", "token": second["token"], "session": {}}))["html"]
+            oid = int(html.split('<body id="')[1].split('"')[0])  # hold() is bound on the body
+            await conn.send({"t": "interact", "token": second["token"]},
+                            json.dumps({"id": oid, "method": "hold", "args": [], "kargs": {}, "event": {}}).encode())
+            await anyio.sleep(0.3)  # the click holds the process for 3 s
+            assert await pool.end_owner("b" * 20) == 1
+            with pytest.raises(PoolFull):
+                await pool.spawn("3" * 20, "tests.apps:Counter", [[], {}], {}, OPTS, owner="c" * 20)
+            answer = await conn.receive()  # the click ends; the process then goes
+        finally:
+            await conn.aclose()
+        third = await pool.spawn("3" * 20, "tests.apps:Counter", [[], {}], {}, OPTS, owner="c" * 20)
+        return first, second, third, after_second, answer, (await pool.stats())["pids"]
+
+    first, second, third, after_second, answer, after_third = run(scenario, runtime, max_processes=1, full_wait_seconds=0.5)
+    assert second["created"] and after_second == [second["pid"]], "the dropped session's process made room"
+    assert answer["t"] == "actions", "the busy process finished its click before it went"
+    assert third["created"] and after_third == [third["pid"]]
+    assert first["pid"] not in after_third and second["pid"] not in after_third
+
+
 def test_a_burst_of_new_sessions_queues_and_every_one_starts(runtime):
     async def scenario(pool):
         results = {}

@@ -47,6 +47,8 @@ class PoolConfig:
     log_level: str = "WARNING"
     apps: Tuple[str, ...] = field(default=())
     max_starting: int = 0  # processes starting at once; 0 = one per CPU
+    # at max_processes, how long a new process waits for one told to go to end (then: full)
+    full_wait_seconds: float = 5.0
     process_loop: str = "auto"  # event loop of the per-session processes: auto, uvloop, asyncio
     batch_scheduling: bool = True  # per-session processes under SCHED_BATCH (see Engine)
 
@@ -279,6 +281,7 @@ class ProcessPool:
             "grace_seconds": self.config.grace_seconds,
             "start_timeout_seconds": self.config.start_timeout_seconds,
             "max_starting": self.config.max_starting,
+            "full_wait_seconds": self.config.full_wait_seconds,
             "process_loop": self.config.process_loop,
             "batch_scheduling": self.config.batch_scheduling,
             "log_level": self.config.log_level,

@@ -117,6 +117,11 @@ class Zygote:
         # here instead of crowding the CPUs that existing users' clicks need.
         self.max_starting: int = max(1, int(cfg.get("max_starting") or (os.cpu_count() or 1)))
         self.queued: "collections.deque[Tuple[socket.socket, Dict[str, Any]]]" = collections.deque()
+        # At max_processes while some processes were told to go (a logout, an expired
+        # session, a replaced instance): a new one waits for them, this long at most,
+        # rather than be refused while a place is being freed.
+        self.full_wait: float = max(0.0, float(cfg.get("full_wait_seconds", 5.0)))
+        self.parked: "collections.deque[Tuple[socket.socket, Dict[str, Any], float]]" = collections.deque()
         self.main_path: Optional[str] = cfg.get("main_path")
         self.sel = selectors.DefaultSelector()
         self.children: Dict[str, Child] = {}  # live or starting, by key
@@ -216,6 +221,9 @@ class Zygote:
                 if not child.ready:
                     t = max(0.0, child.deadline - now)
                     timeout = t if timeout is None else min(timeout, t)
+            if self.parked:
+                t = max(0.0, min(until for _c, _m, until in self.parked) - now)
+                timeout = t if timeout is None else min(timeout, t)
             for key, _events in self.sel.select(timeout):
                 tag = key.data
                 if tag == "listen":
@@ -233,6 +241,8 @@ class Zygote:
                     self._drop_forker()
                     _reap_children()  # its processes that had already ended are ours now
             now = time.monotonic()
+            if self.parked:
+                self._expire_parked(now)
             for child in list(self.children.values()):
                 if not child.ready and now >= child.deadline:
                     logger.warning("process %s for %s did not start within %ss: killed", child.pid, child.key[:8], self.start_timeout)
@@ -364,7 +374,10 @@ class Zygote:
         return any(_stamp(path) != stamp for path, stamp in self.stamps.items())
 
     # --- children ---------------------------------------------------------------------
-    def _spawn(self, conn: socket.socket, msg: Dict[str, Any]) -> None:
+    def _spawn(self, conn: socket.socket, msg: Dict[str, Any], until: Optional[float] = None) -> None:
+        """Answer a ``spawn``: the live process of the key, or a new one (queued while
+        ``max_starting`` start; parked while full but processes are on their way out, until
+        ``until``)."""
         key = msg.get("key")
         if not isinstance(key, str) or not KEY_RE.match(key):
             self._reply(conn, {"ok": False, "error": "protocol", "message": "bad key"})
@@ -388,6 +401,16 @@ class Zygote:
         if len(self.by_ready_fd) >= self.max_starting:
             self.queued.append((conn, msg))
             return
+        if len(self.by_pidfd) - (existing is not None) >= self.max_processes:
+            # processes told to go (no longer in self.children) free their places within
+            # moments, unless an interaction keeps them busy: wait for one, not refuse
+            leaving = len(self.by_pidfd) - len(self.children)
+            now = time.monotonic()
+            if until is None:
+                until = now + self.full_wait
+            if leaving > 0 and now < until:
+                self.parked.append((conn, msg, until))
+                return
         waiters: List[socket.socket] = []
         if existing is not None:
             waiters = existing.waiters
@@ -397,7 +420,7 @@ class Zygote:
         # interaction, may take until its timeout) included; not the one just replaced
         if len(self.by_pidfd) - (existing is not None) >= self.max_processes:
             for w in [conn] + waiters:
-                self._reply(w, {"ok": False, "error": "full", "message": f"{self.max_processes} processes already run"})
+                self._reply(w, _full_reply(self.max_processes))
             return
         ref = str(msg.get("app"))
         if self.forker is None or ref in self.apps:
@@ -602,6 +625,29 @@ class Zygote:
             if conn.fileno() >= 0:  # the worker may have given up meanwhile
                 self._spawn(conn, msg)
 
+    def _retry_parked(self) -> None:
+        """A process ended: the spawns parked at max_processes try again, in arrival order
+        (those still without a place park again, until their own deadline)."""
+        parked, self.parked = self.parked, collections.deque()
+        for conn, msg, until in parked:
+            if conn.fileno() < 0:  # the worker gave up meanwhile
+                continue
+            if self.stop:
+                self._reply(conn, _full_reply(self.max_processes))
+            else:
+                self._spawn(conn, msg, until)
+
+    def _expire_parked(self, now: float) -> None:
+        kept: "collections.deque[Tuple[socket.socket, Dict[str, Any], float]]" = collections.deque()
+        for conn, msg, until in self.parked:
+            if conn.fileno() < 0:
+                continue
+            if now >= until:
+                self._reply(conn, _full_reply(self.max_processes))
+            else:
+                kept.append((conn, msg, until))
+        self.parked = kept
+
     def _on_exit(self, pidfd: int) -> None:
         child = self.by_pidfd.pop(pidfd, None)
         self.sel.unregister(pidfd)
@@ -631,6 +677,8 @@ class Zygote:
             else:
                 reply = {"ok": False, "error": "crash", "message": "the app process died while starting"}
             self._answer_waiters(child, reply)
+        if self.parked:
+            self._retry_parked()
 
     def _kill(self, child: Child, sig: int) -> None:
         if self.children.get(child.key) is child:
@@ -688,6 +736,11 @@ class Zygote:
                 pass
             self.listener.close()
             self.listener = None
+
+
+def _full_reply(max_processes: int) -> Dict[str, Any]:
+    """The answer to a spawn when ``max_processes`` run (the worker raises PoolFull: 503)."""
+    return {"ok": False, "error": "full", "message": f"{max_processes} processes already run"}
 
 
 class _LockWaitOver(Exception):
