@@ -829,10 +829,11 @@ class SessionMiddleware:
                 over https/wss (None).
             on_drop: awaited with each session id this middleware deletes from the store
                 (after ``clear()`` or ``invalidate()``, and the old id of ``regenerate_id()``),
-                once it is deleted; what it raises is logged, not raised. Also, once the
-                response is sent, with the ids of sessions found expired: the one a browser
-                still holds the (validly signed) cookie of, and, every so often (a
-                twentieth of the store's ``max_age_seconds``, 1 to 60 s), those the store's
+                once it is deleted; what it raises is logged, not raised. Also with the ids
+                of sessions found expired: the one a browser still holds the (validly
+                signed) cookie of, before the request goes on to the app, and, once a
+                response is sent, every so often (a twentieth of the store's
+                ``max_age_seconds``, 1 to 60 s), those the store's
                 :meth:`SessionStore.take_expired` hands out. So an expired session's
                 processes end too, rather than wait for ``timeout_inactivity`` (never, by
                 default) while counting against ``max_processes``.
@@ -894,6 +895,11 @@ class SessionMiddleware:
         dead: List[str] = []  # validly signed ids the store no longer has (expired)
         session = await self._load(scope, dead)
         scope["session"] = session
+        if dead and self.on_drop is not None:
+            # before the app runs: what it starts for the new session (a process, on a
+            # server at max_processes) may need the place the expired one's hold
+            for sid in dead:
+                await self._report_expired(sid)
         # The sid whose cookie the browser holds; only it may be touched or dropped.
         browser_sid = session.sid
         secure = self._secure(scope)
@@ -914,7 +920,7 @@ class SessionMiddleware:
                 await send(message)
 
             await self.app(scope, receive, send_http)
-            await self._after(dead)
+            await self._after()
             return
 
         accepted = False
@@ -933,14 +939,12 @@ class SessionMiddleware:
         await self.app(scope, receive, send_ws)
         if accepted:
             await self._commit_after_accept(session, browser_sid)
-        await self._after(dead)
+        await self._after()
 
-    async def _after(self, dead: List[str]) -> None:
-        """Once the response is sent: tell ``on_drop`` of expired sessions (see __init__)."""
+    async def _after(self) -> None:
+        """Once the response is sent: the periodic sweep of expired sessions (see __init__)."""
         if self.on_drop is None:
             return
-        for sid in dead:
-            await self._report_expired(sid)
         if self._sweeping or _monotonic() < self._next_sweep:
             return
         self._sweeping = True

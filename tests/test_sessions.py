@@ -500,29 +500,38 @@ def test_expired_ids_a_store_drops_on_its_own_are_handed_out_too(kind: str, tmp_
     assert anyio.run(main) == ["old" * 7]
 
 
-def test_the_middleware_tells_on_drop_of_expired_sessions_once_the_response_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_middleware_tells_on_drop_of_an_expired_session_before_the_app_and_of_the_rest_at_its_sweep(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     clock = [1_000_000.0]
     mono = [500.0]
     monkeypatch.setattr(sessions, "_now", lambda: clock[0])
     monkeypatch.setattr(sessions, "_monotonic", lambda: mono[0])
     store = MemoryStore(max_age_seconds=100)
     dropped: List[str] = []
-    sent_before_drop: List[bool] = []
+    events: List[str] = []
 
     async def on_drop(sid: str) -> None:
         dropped.append(sid)
+        events.append("drop")
         if sid == "boom":
             raise RuntimeError("logged, not raised")
 
-    app = SessionMiddleware(raw_app, store=store, secret=SECRET, on_drop=on_drop)
+    async def seen_app(scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        events.append("app")
+        await raw_app(scope, receive, send)
+
+    app = SessionMiddleware(seen_app, store=store, secret=SECRET, on_drop=on_drop)
     assert app.sweep_seconds == 5.0  # a twentieth of the store's lifetime, within 1..60 s
     start, one = request(app, "/set/k/1")
     cookie_one = cookie_value(start)
     _, two = request(app, "/set/k/2")
     clock[0] += 101  # both expire
     # a browser comes back with the (validly signed) cookie of an expired session
+    events.clear()
     _, fresh = request(app, "/peek", cookie=cookie_one)
     assert dropped == [one["sid"]], "reported when its cookie comes back"
+    assert events == ["drop", "app"], "before the app starts what the new session needs"
     request(app, "/peek", cookie=cookie_one)
     assert dropped == [one["sid"]], "once: the browser sends it until it gets a new one"
     # forged or foreign cookies report nothing
