@@ -897,7 +897,7 @@ class SessionMiddleware:
         scope["session"] = session
         if dead and self.on_drop is not None:
             # before the app runs: what it starts for the new session (a process, on a
-            # server at max_processes) may need the place the expired one's hold
+            # server at max_processes) may need the place the expired one holds
             for sid in dead:
                 await self._report_expired(sid)
         # The sid whose cookie the browser holds; only it may be touched or dropped.
