@@ -6,13 +6,15 @@ be used without Starlette.
 import logging
 from typing import Any
 
+from . import _log
 from .app import HtagASGI
 from .exceptions import HtagError
 from .sessions import MemoryStore, SessionMiddleware, SQLiteStore
 
 __version__ = "0.1.0"
 
-logging.getLogger(__name__).addHandler(logging.NullHandler())
+# warnings and errors reach stderr until the application configures logging (see _log)
+logging.getLogger(__name__).addHandler(_log.FallbackHandler())
 
 
 def __getattr__(name: str) -> Any:

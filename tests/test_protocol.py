@@ -361,6 +361,9 @@ def test_foreign_origin_is_refused(server, new_client):
         assert texts_of(click(ws, page, "inc"))["value"] == "1"
     http = Page(page.client, "/http")
     assert http.post(http.call("inc"), origin="http://evil.example").status_code == 403
+    # the worker's warnings reach the server's log without any logging set up by the app
+    server.wait_for_log("WARNING asgi_htag.app: refused a websocket from a foreign origin")
+    server.wait_for_log("WARNING asgi_htag.app: refused an interaction POST from a foreign origin")
 
 
 def test_tampered_cookie_gives_a_fresh_session(server, new_client):
@@ -650,6 +653,7 @@ def test_pool_full_gives_503_and_existing_users_carry_on(make_server, loop):
         assert a.status == b.status == 200
         full = Page(clients[2], "/")
         assert full.status == 503 and "busy" in full.html.lower()
+        srv.wait_for_log("pool is full")  # told in the server's log, not only to the browser
         with a.ws() as ws:
             assert texts_of(click(ws, a, "inc"))["value"] == "1"
         assert Page(clients[1], "/").texts["pid"] == b.texts["pid"]

@@ -461,3 +461,41 @@ def test_forker_fills_its_half_used_pools_before_forking():
     still = [size for size, n in after.items() if n > 0]
     # what remains free is in the few pools started by the allocations made after the fill
     assert len(emptied) > len(still), (before, after)
+
+
+def test_the_worker_side_warnings_reach_stderr_until_the_app_sets_up_logging(monkeypatch):
+    """``uvicorn app:app`` configures only uvicorn's loggers: asgi_htag's warnings would be
+    dropped by a NullHandler. Its fallback handler writes them to stderr, and steps aside
+    once the root logger or the asgi_htag logger has a handler of its own."""
+    import io
+    import logging
+    import sys
+
+    import asgi_htag  # noqa: F401  (attaches the handler)
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # pytest's own capture handlers aside
+    log = logging.getLogger("asgi_htag.app")
+    log.warning("pool is full for %s", "abc")
+    log.info("not at INFO")
+    log.error("a line\nwith a newline")
+    lines = err.getvalue().splitlines()
+    assert lines[0].endswith("WARNING asgi_htag.app: pool is full for abc") and "asgi_htag[" in lines[0]
+    assert "ERROR asgi_htag.app: a line" in lines[1] and len(lines) == 3, lines
+
+    own = logging.StreamHandler(io.StringIO())
+    logging.getLogger("asgi_htag").addHandler(own)
+    try:
+        log.warning("handled by the app's own handler")
+    finally:
+        logging.getLogger("asgi_htag").removeHandler(own)
+    root = logging.StreamHandler(io.StringIO())
+    monkeypatch.setattr(logging.getLogger(), "handlers", [root])
+    log.warning("handled through the root logger")
+    assert len(err.getvalue().splitlines()) == 3, "never written twice"
+    assert "handled through the root logger" in root.stream.getvalue()
+
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    monkeypatch.setattr(sys, "stderr", None)
+    log.warning("no stderr at all: dropped, no exception")

@@ -1,0 +1,40 @@
+"""The worker side's last-resort log handler.
+
+A library usually attaches a ``NullHandler`` and leaves logging to the application. But
+``uvicorn app:app`` configures only uvicorn's own loggers: the warnings and errors of the
+web worker (a refused foreign Origin, a 503 because the host runs ``max_processes``, a
+stuck process killed) would then go nowhere, while those of the fork server and of the
+session processes reach stderr. :class:`FallbackHandler` writes them to stderr in the
+same format, until the application configures logging itself.
+"""
+import logging
+import sys
+
+_FORMAT = "%(asctime)s asgi_htag[%(process)d] %(levelname)s %(name)s: %(message)s"
+
+
+class FallbackHandler(logging.Handler):
+    """WARNING and above to the current ``sys.stderr``, unless the root logger or the
+    ``asgi_htag`` logger has a handler of its own (then that one decides, and nothing is
+    written twice)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.setFormatter(logging.Formatter(_FORMAT))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers:
+            return
+        if any(h is not self for h in logging.getLogger("asgi_htag").handlers):
+            return
+        try:
+            stream = sys.stderr
+            if stream is None:  # pythonw, or a daemon that closed it
+                return
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+__all__ = ("FallbackHandler",)
