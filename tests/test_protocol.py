@@ -350,6 +350,43 @@ def test_hostile_http_posts(server, new_client):
     assert texts_of(page.post(page.call("inc")).json())["value"] == "1"
 
 
+def test_nested_or_huge_input_gets_a_short_clear_error_and_a_short_log_line(server, new_client):
+    """A client's megabyte-long method or kargs name is not echoed whole (to the page or to
+    the log); JSON nested deeper than the recursion limit is an invalid-JSON error (400
+    over POST), not an internal error with a traceback per request."""
+    with server._started:
+        first_line = len(server.lines)
+    deep = b'{"id": 1, "args": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    long_name = "A" * 1_000_000
+    page = Page(new_client(), "/")
+    body_id = page.call("inc")["id"]
+    with page.ws() as ws:
+        ws.send(deep.decode())
+        reply = recv_json(ws)
+        assert reply["asgi_htag"] == "error" and reply["message"] == "interaction is not valid JSON: JSON nested too deeply"
+        reply = click_raw(ws, {"id": body_id, "method": long_name, "args": [], "kargs": {}, "event": {}})
+        assert "refused" in reply["err"] and len(reply["err"]) < 300, reply["err"][:300]
+        reply = click_raw(ws, {"id": body_id, "method": "inc", "args": [], "kargs": {long_name: 1}, "event": {}})
+        assert reply["err"] == "interaction refused: a 'kargs' name is empty, too long or not printable"
+        ws.send('{"id": 1, "method": "inc", "args": [], "kargs": {"\\udc80": 1}}')  # a lone surrogate
+        assert recv_json(ws)["err"] == "interaction refused: a 'kargs' name is empty, too long or not printable"
+        ws.send('{"id": ' + "9" * 5000 + ', "method": "inc"}')  # past Python's int-digit limit
+        assert recv_json(ws)["message"].startswith("interaction is not valid JSON: Exceeds the limit")
+        assert texts_of(click(ws, page, "inc"))["value"] == "1", "the same connection keeps working"
+    http = Page(new_client(), "/http")
+    r = http.post(None, raw=deep)
+    assert r.status_code == 400 and r.json()["message"] == "interaction is not valid JSON: JSON nested too deeply"
+    r = http.post({"id": http.call("inc")["id"], "method": long_name, "args": [], "kargs": {}, "event": {}})
+    assert r.status_code == 200 and "refused" in r.json()["err"] and len(r.content) < 400
+    assert texts_of(http.post(http.call("inc")).json())["value"] == "1"
+    time.sleep(0.5)  # the session processes' log lines come through their own pipe
+    with server._started:
+        lines = server.lines[first_line:]
+    assert any("the page offers no method 'AAAA" in line for line in lines), lines[-20:]
+    assert max(len(line) for line in lines) < 1000, "no client input copied whole into the log"
+    assert not any("Traceback" in line or "RecursionError" in line for line in lines), lines[-40:]
+
+
 def test_foreign_origin_is_refused(server, new_client):
     from websockets.exceptions import InvalidStatus
 

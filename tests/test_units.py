@@ -372,14 +372,6 @@ def test_wire_loads_matches_json_loads(data):
         assert got == expected
 
 
-def test_wire_loads_refuses_deep_nesting_as_json_loads_does():
-    deep = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    with pytest.raises(RecursionError):
-        json.loads(deep)
-    with pytest.raises(RecursionError):
-        wire.loads(deep)
-
-
 class _CycleMaker(Tag.div):
     collected = 0
 
@@ -499,3 +491,23 @@ def test_the_worker_side_warnings_reach_stderr_until_the_app_sets_up_logging(mon
     monkeypatch.setattr(logging.getLogger(), "handlers", [])
     monkeypatch.setattr(sys, "stderr", None)
     log.warning("no stderr at all: dropped, no exception")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"[" * 100_000, b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}", b'{"a": ' + b'{"b": ' * 50_000 + b"1" + b"}" * 50_001],
+    ids=["list", "object of lists", "objects"],
+)
+def test_json_nested_past_the_recursion_limit_is_a_value_error_and_a_protocol_error_in_a_frame(data):
+    """json.loads raises RecursionError there: wire.loads makes it the ValueError its
+    callers handle as invalid JSON, not an internal error."""
+    from asgi_htag.exceptions import ProtocolError
+
+    with pytest.raises(RecursionError):
+        json.loads(data)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        wire.loads(data)
+    with pytest.raises(ProtocolError, match="nested too deeply"):
+        wire.decode_payload(data)
+    nested_50 = "[" * 50 + "]" * 50  # well within the limit: parsed as json.loads does
+    assert wire.loads(b'{"a": ' + nested_50.encode() + b"}") == {"a": json.loads(nested_50)}

@@ -332,13 +332,17 @@ class AppHost:
             return "interaction refused: 'id' must be an integer"
         if method is not None and not isinstance(method, str):
             return "interaction refused: 'method' must be a string or null"
-        if not isinstance(data.get("args", []), list) or not isinstance(data.get("kargs", {}), dict):
+        kargs = data.get("kargs", {})
+        if not isinstance(data.get("args", []), list) or not isinstance(kargs, dict):
             return "interaction refused: 'args' must be a list and 'kargs' an object"
+        if kargs and not all(0 < len(k) <= _MAX_NAME and k.isprintable() for k in kargs):
+            # names the app gave its binds; htag would print (and echo) anything else whole
+            return "interaction refused: a 'kargs' name is empty, too long or not printable"
         event = data.get("event")
         if event is not None and not isinstance(event, dict):
             return "interaction refused: 'event' must be an object"
         if (oid, method) not in _offered:
-            return f"interaction refused: the page offers no method {method!r} on element {oid}"
+            return f"interaction refused: the page offers no method {_shown(method)} on element {_shown(oid)}"
         if method in ("__on__", "__on_event__"):
             args = data.get("args") or []
             from htag import Tag
@@ -347,7 +351,7 @@ class AppHost:
             if obj is None or not args or not isinstance(args[0], str) or args[0] not in obj._callbacks_:
                 return "interaction refused: unknown callback"
         elif method is not None and method.startswith("_"):
-            return f"interaction refused: {method!r} is private"
+            return f"interaction refused: {_shown(method)} is private"
         return None
 
     async def render(self, frame: Dict[str, Any]) -> Dict[str, Any]:
@@ -466,8 +470,8 @@ class AppHost:
         frame for the worker and the bytes for the page."""
         try:
             obj = wire.loads(raw) if raw else None
-        except (ValueError, UnicodeDecodeError):
-            obj = None
+        except (ValueError, UnicodeDecodeError) as exc:
+            return _page_error(f"interaction is not valid JSON: {_cut(str(exc))}", 400)
         if not isinstance(obj, dict):
             return _page_error("interaction must be a JSON object", 400)
         session = frame.get("session")
@@ -535,7 +539,7 @@ class AppHost:
                 return reply, out
             if t == "ping":
                 return {"t": "pong", "pid": os.getpid()}, None
-            return {"t": "error", "message": f"unknown frame type {t!r}"}, None
+            return {"t": "error", "message": f"unknown frame type {_shown(t)}"}, None
         except Exception as exc:  # the app's bug must not take the process down
             logger.exception("process %s: error while handling %r", os.getpid(), t)
             msg = traceback.format_exc() if self.debug else str(exc)
@@ -593,6 +597,17 @@ class _Peer(wire.FlowProtocol):
 
 
 _NOT_BUSY = wire.BUSY.pack(0.0)
+_MAX_NAME = 256
+
+
+def _cut(text: str, limit: int = 120) -> str:
+    """``text`` for a message (a log line, an error the page shows), cut to ``limit``
+    characters: what a client sends may be a megabyte long."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _shown(value: Any) -> str:
+    return _cut(repr(value), 80)
 
 
 def _json_bytes(obj: Any) -> bytes:

@@ -90,17 +90,22 @@ def loads(data: bytes) -> Any:
     parsing such a small object; anything else goes through it.
 
     Raises:
-        ValueError: not JSON (``json.JSONDecodeError``), or not UTF-8 (``UnicodeDecodeError``).
+        ValueError: not JSON (``json.JSONDecodeError``), not UTF-8 (``UnicodeDecodeError``),
+            or nested deeper than the interpreter's recursion limit (which ``json.loads``
+            reports as a RecursionError).
     """
-    if data[:1] == b"{":
-        text = data.decode("utf-8")  # what json.loads decodes a BOM-less object with
-        try:
-            obj, end = _scan_once(text, 0)
-        except StopIteration:  # not a value at all: json.loads says so in its own words
-            return json.loads(data)
-        if end == len(text):
-            return obj
-    return json.loads(data)  # whitespace or something after the value: its errors, or its value
+    try:
+        if data[:1] == b"{":
+            text = data.decode("utf-8")  # what json.loads decodes a BOM-less object with
+            try:
+                obj, end = _scan_once(text, 0)
+            except StopIteration:  # not a value at all: json.loads says so in its own words
+                return json.loads(data)
+            if end == len(text):
+                return obj
+        return json.loads(data)  # whitespace or something after the value: its errors, or its value
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def decode_length(header: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> int:
