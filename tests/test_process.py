@@ -413,6 +413,38 @@ def test_at_max_processes_a_new_process_waits_for_one_told_to_go_but_not_past_it
     assert first["pid"] not in after_third and second["pid"] not in after_third
 
 
+def test_at_max_processes_the_oldest_process_whose_page_never_made_contact_makes_room(runtime):
+    """A client that runs no JavaScript (a crawler, curl) gets a process that its page
+    never contacts: at max_processes, the oldest such process past the age limit (1 s
+    here) is ended for a newcomer, instead of the newcomer being refused until
+    timeout_abandoned. A process whose page made contact is never ended for that."""
+    from asgi_htag.exceptions import PoolFull
+
+    keys = [f"{i}" * 20 for i in range(1, 6)]
+
+    async def scenario(pool):
+        talked = await pool.spawn(keys[0], "tests.apps:Counter", [[], {}], {}, OPTS)
+        conn = await pool.connect(keys[0])
+        try:
+            reply = await conn.request({"t": "subscribe", "token": talked["token"], "k": None})
+            assert reply["t"] == "subscribed"
+        finally:
+            await conn.aclose()
+        silent = await pool.spawn(keys[1], "tests.apps:Counter", [[], {}], {}, OPTS)
+        with pytest.raises(PoolFull):  # the silent one is too young to be judged
+            await pool.spawn(keys[2], "tests.apps:Counter", [[], {}], {}, OPTS)
+        await anyio.sleep(1.3)
+        newcomer = await pool.spawn(keys[2], "tests.apps:Counter", [[], {}], {}, OPTS)
+        after = (await pool.stats())["pids"]
+        with pytest.raises(PoolFull):  # the talker has made contact, the newcomer is young
+            await pool.spawn(keys[3], "tests.apps:Counter", [[], {}], {}, OPTS)
+        return talked, silent, newcomer, after
+
+    talked, silent, newcomer, after = run(scenario, runtime, max_processes=2, evict_uncontacted_after=1.0)
+    assert newcomer["created"] and sorted(after) == sorted([talked["pid"], newcomer["pid"]])
+    assert silent["pid"] not in after
+
+
 def test_a_burst_of_new_sessions_queues_and_every_one_starts(runtime):
     async def scenario(pool):
         results = {}

@@ -699,6 +699,34 @@ def test_pool_full_gives_503_and_existing_users_carry_on(make_server, loop):
             c.close()
 
 
+def test_clients_that_never_make_contact_cannot_keep_people_out_at_max_processes(make_server):
+    """Cookieless GETs (a crawler, curl: no JavaScript, so their pages never open a
+    websocket) used to hold max_processes for timeout_abandoned (120 s), turning every
+    newcomer away. Full, the fork server ends the oldest of those past 10 s instead; a
+    person's session, which made contact, is never ended for that."""
+    import httpx
+
+    srv = make_server(env={"TEST_MAX_PROCESSES": "2"})
+    with httpx.Client(base_url=srv.url, timeout=30) as person, httpx.Client(base_url=srv.url, timeout=30) as crawler:
+        page = Page(person, "/")
+        with page.ws() as ws:
+            assert texts_of(click(ws, page, "inc"))["value"] == "1"
+        assert crawler.get("/").status_code == 200  # its page never makes contact
+        crawler.cookies.clear()
+        assert crawler.get("/").status_code == 503, "full; the crawler's process is too young to be judged"
+        time.sleep(10.5)
+        with httpx.Client(base_url=srv.url, timeout=30) as newcomer:
+            fresh = Page(newcomer, "/")
+            assert fresh.status == 200
+            with fresh.ws() as ws:
+                assert texts_of(click(ws, fresh, "inc"))["value"] == "1"
+        again = Page(person, "/")
+        assert again.texts["pid"] == page.texts["pid"], "the person's process lives on"
+        with again.ws() as ws:
+            assert texts_of(click(ws, again, "inc"))["value"] == "2"
+    srv.wait_for_log("whose page made no contact in")
+
+
 def test_debug_mode_shows_the_traceback(make_server, loop):
     import httpx
 

@@ -238,9 +238,21 @@ class AppHost:
         write to an open file: no mapping, whose page would count in each process's memory)."""
         try:
             self.busy = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.pwrite(self.busy, _NOT_BUSY, 0)
+            os.pwrite(self.busy, _NOT_BUSY + (wire.CONTACTED if self.contacted else b"\x00"), 0)
         except OSError as exc:  # the watchdog then falls back on its deadline alone
             logger.warning("process %s: no busy mark at %s: %s", os.getpid(), path, exc)
+
+    def mark_contacted(self) -> None:
+        """The page made contact: said once in the busy mark, where the fork server looks
+        when it needs room (it ends the oldest process whose page never did)."""
+        if self.contacted:
+            return
+        self.contacted = True
+        if self.busy >= 0:
+            try:
+                os.pwrite(self.busy, wire.CONTACTED, wire.CONTACT_OFFSET)
+            except OSError:
+                pass
 
     def touch(self) -> None:
         """An interaction happened: push the inactivity deadline back. Only a timestamp per
@@ -369,7 +381,8 @@ class AppHost:
 
     async def interact(self, data: Dict[str, Any], session: Optional[Dict[str, Any]]) -> Tuple[Dict[str, Any], Any]:
         """Run one (already decoded) interaction: ``(actions, session diff)``."""
-        self.contacted = True
+        if not self.contacted:
+            self.mark_contacted()
         refusal = self._check_offered(data)
         if refusal:
             logger.warning("process %s: %s", os.getpid(), refusal)
@@ -476,10 +489,10 @@ class AppHost:
             return _page_error("interaction must be a JSON object", 400)
         session = frame.get("session")
         if "contact" in obj:  # an http_only page says it is open (over a websocket, subscribing does)
-            self.contacted = True
+            self.mark_contacted()
             return {"t": "actions", "diff": None}, b"{}"
         if "hello" in obj:
-            self.contacted = True
+            self.mark_contacted()
             return self._hello(obj, peer)
         if "p" in obj:
             if not self.parano:
@@ -519,7 +532,7 @@ class AppHost:
                     return {"t": "error", "message": "this app is served in http_only mode"}, None
                 page = frame.get("k") if isinstance(frame.get("k"), str) else None
                 self.subscribers[peer] = page
-                self.contacted = True
+                self.mark_contacted()
                 reply: Dict[str, Any] = {
                     "t": "subscribed",
                     "timeout_interaction": self.timeout_interaction,

@@ -49,6 +49,9 @@ class PoolConfig:
     max_starting: int = 0  # processes starting at once; 0 = one per CPU
     # at max_processes, how long a new process waits for one told to go to end (then: full)
     full_wait_seconds: float = 5.0
+    # at max_processes, the age past which a process whose page never made contact (no
+    # websocket, no interaction) is ended to make room; < 0: never
+    evict_uncontacted_after: float = 10.0
     process_loop: str = "auto"  # event loop of the per-session processes: auto, uvloop, asyncio
     batch_scheduling: bool = True  # per-session processes under SCHED_BATCH (see Engine)
 
@@ -282,6 +285,7 @@ class ProcessPool:
             "start_timeout_seconds": self.config.start_timeout_seconds,
             "max_starting": self.config.max_starting,
             "full_wait_seconds": self.config.full_wait_seconds,
+            "evict_uncontacted_after": self.config.evict_uncontacted_after,
             "process_loop": self.config.process_loop,
             "batch_scheduling": self.config.batch_scheduling,
             "log_level": self.config.log_level,

@@ -60,8 +60,12 @@ def compact_json(obj: Dict[str, Any]) -> bytes:
 # CLOCK_MONOTONIC time at which its running interaction (or render) started, 0 when none
 # runs. The process writes it in place (pwrite); the worker's watchdog reads it to
 # tell a click queued behind others' (the process is busy, under its own timer) from a
-# process stuck outside any interaction or past its limit.
+# process stuck outside any interaction or past its limit. The byte after it, CONTACTED,
+# is written once, when the page first makes contact (its websocket, or an interaction):
+# the fork server, full, ends the oldest process whose page never did (see Zygote).
 BUSY = struct.Struct("=d")
+CONTACT_OFFSET = BUSY.size
+CONTACTED = b"\x01"
 
 
 def busy_path(sock_path: str) -> str:
@@ -78,6 +82,18 @@ def read_busy(sock_path: str) -> Optional[float]:
     except OSError:
         return None
     return BUSY.unpack(data)[0] if len(data) == BUSY.size else None
+
+
+def read_contacted(sock_path: str) -> bool:
+    """Whether the page of the process of ``sock_path`` has made contact (see BUSY); True
+    if that cannot be read (a process that cannot be judged is not ended for it)."""
+    try:
+        with open(busy_path(sock_path), "rb") as f:
+            f.seek(CONTACT_OFFSET)
+            flag = f.read(1)
+    except OSError:
+        return True
+    return flag != b"\x00" and flag != b""
 
 
 _scan_once = json.JSONDecoder().scan_once

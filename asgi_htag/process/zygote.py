@@ -89,7 +89,7 @@ def load_app(ref: str, main_path: Optional[str]) -> type:
 
 
 class Child:
-    __slots__ = ("key", "pid", "pidfd", "token", "init", "ready", "ready_fd", "waiters", "deadline", "buf", "started", "timeout", "owner")
+    __slots__ = ("key", "pid", "pidfd", "token", "init", "ready", "ready_fd", "waiters", "deadline", "buf", "started", "timeout", "owner", "contacted")
 
     def __init__(self, key: str, pid: int, pidfd: int, token: str, init: str, ready_fd: int, deadline: float) -> None:
         self.key = key
@@ -105,6 +105,7 @@ class Child:
         self.started = time.monotonic()
         self.timeout = 0.0  # its timeout_interaction (the kernel timer that ends a slow start)
         self.owner = ""  # a hash of its session's id: the session's processes end with it (kill_owner)
+        self.contacted = False  # its page made contact (known once read from its busy mark)
 
 
 class Zygote:
@@ -122,6 +123,10 @@ class Zygote:
         # rather than be refused while a place is being freed.
         self.full_wait: float = max(0.0, float(cfg.get("full_wait_seconds", 5.0)))
         self.parked: "collections.deque[Tuple[socket.socket, Dict[str, Any], float]]" = collections.deque()
+        # Full, with none on its way out: the oldest process whose page never made contact
+        # (a client that runs no JavaScript: a crawler, a script, a link preview) and that
+        # has had this long to, is ended to make room rather than turn a person away.
+        self.evict_after: float = float(cfg.get("evict_uncontacted_after", 10.0))
         self.main_path: Optional[str] = cfg.get("main_path")
         self.sel = selectors.DefaultSelector()
         self.children: Dict[str, Child] = {}  # live or starting, by key
@@ -408,6 +413,8 @@ class Zygote:
             now = time.monotonic()
             if until is None:
                 until = now + self.full_wait
+            if leaving == 0 and now < until and self._end_one_uncontacted(now):
+                leaving = 1
             if leaving > 0 and now < until:
                 self.parked.append((conn, msg, until))
                 return
@@ -624,6 +631,28 @@ class Zygote:
             conn, msg = self.queued.popleft()
             if conn.fileno() >= 0:  # the worker may have given up meanwhile
                 self._spawn(conn, msg)
+
+    def _end_one_uncontacted(self, now: float) -> bool:
+        """End (SIGTERM) the oldest ready process whose page has not made contact within
+        ``evict_after`` seconds; False if there is none."""
+        if self.evict_after < 0:
+            return False
+        candidates = [
+            c for c in self.children.values() if c.ready and not c.contacted and now - c.started >= self.evict_after
+        ]
+        for child in sorted(candidates, key=lambda c: c.started):
+            if wire.read_contacted(socket_path(self.runtime_dir, child.key)):
+                child.contacted = True  # for good: contact is never taken back
+                continue
+            logger.warning(
+                "max_processes reached: ending process %s for %s, whose page made no contact in %.0fs",
+                child.pid,
+                child.key[:8],
+                now - child.started,
+            )
+            self._kill(child, signal.SIGTERM)
+            return True
+        return False
 
     def _retry_parked(self) -> None:
         """A process ended: the spawns parked at max_processes try again, in arrival order
