@@ -53,6 +53,7 @@ _MAX_COOKIE_CANDIDATES = 4
 # expired ids a store keeps for take_expired between two sweeps (older ones are forgotten)
 _MAX_PENDING_EXPIRED = 10000
 _MAX_REPORTED_DEAD = 1024
+_MAX_REFRESHED = 10_000  # session ids whose cookie this worker refreshed lately (an LRU)
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -797,7 +798,9 @@ class SessionMiddleware:
     websocket connections; other scope types pass through untouched.
 
     HTTP: pending changes are committed when the response starts, and a ``Set-Cookie`` is
-    added when the browser needs a new cookie (or an expired one, after a logout). Bodies
+    added when the browser needs a new cookie (or an expired one, after a logout), and
+    again now and then while the session is in use, so that the cookie's ``Max-Age``
+    slides as the store's expiry does (see ``refresh_seconds``). Bodies
     are never buffered. Websocket: committed on accept (where the cookie may be sent), on
     close and when the app returns. A session id created *after* accept cannot reach the
     browser, so call ``session.ensure_id()`` before accepting if the app may write.
@@ -883,6 +886,11 @@ class SessionMiddleware:
         # expired ids already told to on_drop: a browser sends its dead cookie with every
         # request until it gets a new one, and one report per id is enough
         self._reported: "OrderedDict[str, None]" = OrderedDict()
+        # The cookie's Max-Age counts from when it was set: a session in use gets it again
+        # (a sliding expiry, as the store's) once every twentieth of it (1 s to a day), and
+        # at its first request to this worker, whose age it cannot know.
+        self.refresh_seconds = max(1.0, min(86400.0, max_age_seconds / 20))
+        self._refreshed: "OrderedDict[str, float]" = OrderedDict()
 
     def __repr__(self) -> str:
         return f"SessionMiddleware(app={self.app!r}, store={self.store!r}, cookie_name={self.cookie_name!r})"
@@ -1030,11 +1038,28 @@ class SessionMiddleware:
             await self.store.touch(session.sid)
         if session.sid is not None and session.sid != browser_sid:
             session.is_new = False
+            self._cookie_refreshed(session.sid)
+            return self._cookie(sign_sid(self._secret, session.sid), self.max_age_seconds, secure), session.sid
+        if session.sid is not None and self._cookie_due(session.sid):
             return self._cookie(sign_sid(self._secret, session.sid), self.max_age_seconds, secure), session.sid
         if session.sid is None and browser_sid is not None:
             logger.debug("session %s... dropped; expiring its cookie", browser_sid[:6])
             return self._cookie("", 0, secure), None
         return None, browser_sid
+
+    def _cookie_due(self, sid: str) -> bool:
+        """True (and noted) if the cookie of ``sid``, in use, is to be set again."""
+        last = self._refreshed.get(sid)
+        if last is not None and _monotonic() - last < self.refresh_seconds:
+            return False
+        self._cookie_refreshed(sid)
+        return True
+
+    def _cookie_refreshed(self, sid: str) -> None:
+        self._refreshed[sid] = _monotonic()
+        self._refreshed.move_to_end(sid)
+        if len(self._refreshed) > _MAX_REFRESHED:
+            self._refreshed.popitem(last=False)
 
     async def _commit(self, session: Session) -> None:
         dropped = list(session._doomed)

@@ -250,6 +250,27 @@ def test_the_session_cookie_takes_the_attributes_it_is_given(make_server):
             assert texts_of(click(ws, page, "inc"))["value"] == "1"
 
 
+def test_a_session_in_use_outlives_its_cookies_max_age(make_server):
+    """The cookie's Max-Age counts from when it was set: it is set again while the session
+    is in use (here, a 3 s cookie, refreshed every second at most), so an active user is
+    not dropped into a new session (and a new process) max_age_seconds after login."""
+    import httpx
+
+    srv = make_server(env={"TEST_SESSION_COOKIE": json.dumps({"max_age_seconds": 3})})
+    with httpx.Client(base_url=srv.url, timeout=30) as c:  # httpx drops a cookie past its Max-Age
+        assert c.get("/set?v=kept").text == "ok"
+        page = Page(c, "/")
+        for _ in range(5):  # 6 s in all, never 3 s without a request
+            time.sleep(1.2)
+            assert c.get("/get").json()["keys"] == ["from_route"], "the same session"
+        again = Page(c, "/")
+        assert again.texts["pid"] == page.texts["pid"], "and the same process"
+        with again.ws() as ws:
+            assert texts_of(click(ws, again, "inc"))["value"] == "1"
+        time.sleep(3.5)  # unused for longer than its Max-Age: the browser lets it go
+        assert c.get("/get").json()["keys"] == []
+
+
 def test_a_page_served_from_a_mount_inside_the_runner_reaches_its_process(server, new_client):
     c = new_client()
     page = Page(c, "/admin/")

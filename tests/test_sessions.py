@@ -563,6 +563,46 @@ def test_the_middleware_tells_on_drop_of_an_expired_session_before_the_app_and_o
     assert list(store._expired) == ["kept"]
 
 
+def test_a_session_in_use_gets_its_cookie_again_every_twentieth_of_its_max_age(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Max-Age counts from when the browser got the cookie: without a new Set-Cookie now
+    and then, an active user's session would end max_age_seconds after it began."""
+    mono = [1000.0]
+    monkeypatch.setattr(sessions, "_monotonic", lambda: mono[0])
+    store = MemoryStore()
+    app = SessionMiddleware(raw_app, store=store, secret=SECRET, max_age_seconds=400)
+    assert app.refresh_seconds == 20.0
+    start, body = request(app, "/set/k/1")
+    (first,) = set_cookies(start)
+    value = first.split(";")[0].split("=", 1)[1]
+    assert "Max-Age=400" in first
+    for step in (5.0, 14.9):  # within a twentieth: nothing to refresh
+        mono[0] += step
+        start, _ = request(app, "/peek", cookie=value)
+        assert set_cookies(start) == []
+    mono[0] += 0.2
+    start, _ = request(app, "/peek", cookie=value)
+    (again,) = set_cookies(start)
+    assert again == first, "the same value and attributes, so a new Max-Age"
+    assert any(k == b"vary" for k, _ in start["headers"])
+    start, _ = request(app, "/peek", cookie=value)
+    assert set_cookies(start) == []
+    # another worker (a middleware that never saw this cookie) refreshes it at once
+    other = SessionMiddleware(raw_app, store=store, secret=SECRET, max_age_seconds=400)
+    start, _ = request(other, "/peek", cookie=value)
+    assert set_cookies(start) == [first]
+    # a forged cookie refreshes nothing (it gets a new session, if anything)
+    start, _ = request(app, "/peek", cookie=value[:-2] + "xx")
+    assert all(value not in c for c in set_cookies(start))
+    # bounded: the least recently refreshed ids are forgotten first
+    monkeypatch.setattr(sessions, "_MAX_REFRESHED", 3)
+    for i in range(5):
+        app._cookie_refreshed(f"{i}" * 32)
+    assert list(app._refreshed) == ["2" * 32, "3" * 32, "4" * 32]
+    assert SessionMiddleware(raw_app, store=store, secret=SECRET, max_age_seconds=10).refresh_seconds == 1.0
+    assert SessionMiddleware(raw_app, store=store, secret=SECRET).refresh_seconds == 14 * 86400 / 20
+    assert SessionMiddleware(raw_app, store=store, secret=SECRET, max_age_seconds=400 * 86400).refresh_seconds == 86400.0
+
+
 def test_lifespan_passes_through() -> None:
     seen: List[Dict[str, Any]] = []
 
@@ -728,7 +768,8 @@ def test_websocket_existing_session_and_reload() -> None:
         return accept
 
     accept = anyio.run(main)
-    assert set_cookies(accept) == []
+    # this middleware had not seen the cookie: it sets it again (same value, a new Max-Age)
+    assert [c.split(";")[0] for c in set_cookies(accept)] == [f"{COOKIE}={sign_sid(SECRET, sid)}"]
     assert seen == [{"n": 1}, {"n": 10, "other": "x"}]
     assert run(store.load, sid) == {"n": 11, "other": "x"}
 
