@@ -109,9 +109,15 @@ class Slow(Tag.body):
 class Crashy(Tag.body):
     def init(self):
         self <= Tag.button("boom", _onclick=self.bind.boom(), _data_test="boom")
+        self <= Tag.button("ok", _onclick=self.bind.ok(), _data_test="ok")
+        self.n = Tag.span("0", _data_test="n")
+        self <= self.n
 
     def boom(self):
         raise ValueError("boom in the app")
+
+    def ok(self):
+        self.n.clear(str(int(self.n.childs[0]) + 1))
 
 
 class SlowInit(Tag.body):

@@ -330,3 +330,37 @@ def test_an_http_only_page_read_for_a_while_before_its_first_click_keeps_its_ins
     page.click(sel("inc"))
     page.wait_for_selector(f"{sel('value')}:text-is('1')")
     assert page.text_content(sel("pid")) == pid
+
+
+@pytest.mark.parametrize("path", ["/crashy", "/crashy-http", "/crashy-parano", "/crashy-parano-http"])
+def test_an_app_error_is_not_taken_for_a_lost_connection(server, page, path):
+    """htag's client throws the app's error once it has reported it: over http_only that
+    throw landed in the POST's catch ("Cannot reach the server", for good), and in parano
+    mode in the decryption chain's ("Secure channel error"). It reaches the console, and
+    the next click works with no notice."""
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + path)
+    page.click(sel("boom"))
+    page.click(sel("ok"))
+    page.wait_for_selector(f"{sel('n')}:text-is('1')")
+    page.click(sel("ok"))
+    page.wait_for_selector(f"{sel('n')}:text-is('2')")
+    page.wait_for_function("() => true")  # let a pending (re)thrown error land
+    assert page.query_selector("#asgi-htag-notice") is None, page.text_content("#asgi-htag-notice")
+    assert any("boom in the app" in e for e in errors), errors
+
+
+def test_an_http_only_page_says_it_cannot_reach_the_server_until_it_can_again(server, page):
+    page.goto(server.url + "/http")
+    page.click(sel("inc"))
+    page.wait_for_selector(f"{sel('value')}:text-is('1')")
+    interactions = re.compile(r"/interact")
+    page.route(interactions, lambda route: route.abort())  # the network fails
+    page.click(sel("inc"))
+    notice = page.wait_for_selector("#asgi-htag-notice")
+    assert "Cannot reach the server" in notice.text_content()
+    page.unroute(interactions)
+    page.click(sel("inc"))
+    page.wait_for_selector(f"{sel('value')}:text-is('2')")  # the lost click never arrived
+    page.wait_for_selector("#asgi-htag-notice", state="detached")

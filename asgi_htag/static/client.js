@@ -150,13 +150,20 @@ var __asgi_htag = (function () {
     else start();
   }
 
+  // htag's action() throws the app's errors once it has shown them (its _error): they are
+  // no failure of the channel, so they must not reach a catch that reports one; thrown
+  // again on their own, they land in the console, as from a plain websocket's onmessage
+  function apply(payload) {
+    try { action(payload); } catch (e) { setTimeout(function () { throw e; }, 0); }
+  }
+
   function deliver(o, from) {
     if (control(o, from)) return;
     if (cfg.parano) {
       if (!o || typeof o.p !== "string") return; // nothing is accepted in clear
-      inOrder(async function () { action(await unseal(o.p)); });
+      inOrder(async function () { var a = await unseal(o.p); apply(a); });
     } else {
-      action(o);
+      apply(o);
     }
   }
 
@@ -210,19 +217,25 @@ var __asgi_htag = (function () {
   }
 
   var posting = Promise.resolve();
+  var unreachable = false;  // the "Cannot reach the server" notice is up
+  function cannotReach() {
+    unreachable = true;
+    notice("Cannot reach the server.", true);
+  }
   async function post(o, raw, channel) {
-    var r;
+    var r, text, obj;
     try {
       r = await window.fetch(cfg.post + "?t=" + encodeURIComponent(cfg.token), {
         method: "POST", credentials: "same-origin",
         headers: {"content-type": "application/json"}, body: raw || JSON.stringify(o)
       });
+      text = await r.text();
     } catch (e) {
-      notice("Cannot reach the server.", true);
+      cannotReach();
       return;
     }
-    var text = await r.text(), obj;
-    try { obj = JSON.parse(text); } catch (e) { action(text); return; }
+    if (unreachable) { unreachable = false; clearNotice(); }  // reached again
+    try { obj = JSON.parse(text); } catch (e) { apply(text); return; }
     deliver(obj, channel);
   }
 
@@ -237,8 +250,7 @@ var __asgi_htag = (function () {
     }
     if (cfg.mode === "http") {
       // one POST at a time, as over the websocket: answers are applied in the order of the clicks
-      posting = posting.then(function () { return post(o); })
-        .catch(function () { notice("Cannot reach the server.", true); });
+      posting = posting.then(function () { return post(o); }).catch(cannotReach);
       return posting;
     }
     var m = JSON.stringify(o);
@@ -253,8 +265,7 @@ var __asgi_htag = (function () {
       }, function (e) { notice("Secure channel error: " + e, true); });
     } else {
       // the page's process waits for a sign of life (timeout_abandoned): a crawler sends none
-      posting = posting.then(function () { return post(null, JSON.stringify({contact: 1})); })
-        .catch(function () { notice("Cannot reach the server.", true); });
+      posting = posting.then(function () { return post(null, JSON.stringify({contact: 1})); }).catch(cannotReach);
       startOnce();
     }
   } else {
