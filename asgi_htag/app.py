@@ -625,7 +625,7 @@ class Engine:
                                 if out is not None:
                                     await ws_send_text(out.decode())
                             elif t in ("bye", "gone"):
-                                await ws_send(_GONE)
+                                await ws_send(_IDLE if frame.get("reason") == "inactivity" else _GONE)
                                 await ws_close(4001)
                                 break
                     except ProcessGone:
@@ -704,6 +704,13 @@ async def _send_nothing(scope: Scope, receive: Receive, send: Send) -> None:
 _BACKSTOP_SECONDS = 2.0
 _TOUCH_SECONDS = 1.0  # how often clicks over a websocket refresh their session's expiry
 _GONE = {"asgi_htag": "gone", "message": "This page's instance no longer exists; reloading..."}
+# its process ended after timeout_inactivity while the page stayed open: the page does not
+# reload by itself (a tab left open would otherwise start a process every timeout_inactivity)
+_IDLE = {
+    "asgi_htag": "gone",
+    "reason": "inactivity",
+    "message": "This page was left unused for a while, and its application has stopped.",
+}
 
 
 def _dead_message(pending: bool, timeout: float = 0) -> Dict[str, Any]:

@@ -364,3 +364,22 @@ def test_an_http_only_page_says_it_cannot_reach_the_server_until_it_can_again(se
     page.click(sel("inc"))
     page.wait_for_selector(f"{sel('value')}:text-is('2')")  # the lost click never arrived
     page.wait_for_selector("#asgi-htag-notice", state="detached")
+
+
+def test_a_page_left_unused_past_timeout_inactivity_says_so_and_waits_for_a_reload(server, page):
+    """Its process ends (timeout_inactivity=1 here) and the page says so, with a Reload
+    link, instead of reloading itself: a tab left open would otherwise start a new process
+    every timeout_inactivity, for ever."""
+    navigations = []
+    page.goto(server.url + "/inactive")
+    pid = page.text_content(sel("pid"))
+    page.on("framenavigated", lambda frame: navigations.append(frame.url))
+    notice = page.wait_for_selector("#asgi-htag-notice", timeout=30000)
+    assert "left unused" in notice.text_content() and "Reload" in notice.text_content()
+    page.wait_for_timeout(3000)  # three more timeouts' worth: nothing happens by itself
+    assert navigations == [] and page.text_content(sel("pid")) == pid
+    page.click("#asgi-htag-notice a")
+    page.wait_for_load_state()
+    page.wait_for_function(f"() => document.querySelector('[data-test=pid]') && document.querySelector('[data-test=pid]').textContent !== '{pid}'")
+    page.click(sel("inc"))
+    page.wait_for_selector(f"{sel('value')}:text-is('1')")

@@ -572,7 +572,7 @@ def test_inactivity_timeout_ends_the_process(server, new_client):
     with page.ws() as ws:
         # nothing is sent: after 1 s without interaction the process says bye
         msg = recv_json(ws, timeout=30)
-    assert msg["asgi_htag"] == "gone"
+    assert msg["asgi_htag"] == "gone" and msg["reason"] == "inactivity", msg  # the page does not reload by itself
     assert Page(c, "/inactive").texts["pid"] != page.texts["pid"], "a reload builds a new instance"
 
 

@@ -101,7 +101,13 @@ var __asgi_htag = (function () {
   function control(o, from) {
     if (!o || typeof o !== "object" || !o.hasOwnProperty("asgi_htag")) return false;
     var kind = o.asgi_htag;
-    if (kind === "gone") {
+    if (kind === "gone" && o.reason === "inactivity") {
+      // it stopped while this page sat unused: a reload is the person's to make (reloading
+      // by itself, an open tab would start an instance every timeout_inactivity)
+      finished = true;
+      notice(o.message || "This page was left unused for a while.", true);
+      if (ws) try { ws.close(); } catch (e) {}
+    } else if (kind === "gone") {
       // our instance no longer exists: get a fresh one instead of talking to a ghost,
       // unless reloading does not help (cookies blocked...): then say so and stop
       finished = true;
