@@ -445,6 +445,38 @@ def test_at_max_processes_the_oldest_process_whose_page_never_made_contact_makes
     assert silent["pid"] not in after
 
 
+def test_a_fork_server_still_running_takes_on_the_settings_of_a_worker_that_comes_with_others(runtime, capfd):
+    """A server restarted within the fork server's grace period (or a new worker of a
+    rolling deploy) used to find it still running with the old settings, silently: here
+    max_processes=1 kept turning people away after a restart with max_processes=3."""
+    from asgi_htag.exceptions import PoolFull
+
+    async def scenario():
+        old = ProcessPool(PoolConfig(runtime_dir=runtime, grace_seconds=1.0, max_processes=1))
+        try:
+            first = await old.spawn("1" * 20, "tests.apps:Counter", [[], {}], {}, OPTS)
+            with pytest.raises(PoolFull):
+                await old.spawn("2" * 20, "tests.apps:Counter", [[], {}], {}, OPTS)
+            zygote = (await old.stats())["pid"]
+            new = ProcessPool(PoolConfig(runtime_dir=runtime, grace_seconds=1.0, max_processes=3, process_loop="asyncio"))
+            try:
+                second = await new.spawn("2" * 20, "tests.apps:Counter", [[], {}], {}, OPTS)
+                third = await new.spawn("3" * 20, "tests.apps:Counter", [[], {}], {}, OPTS)
+                stats = await new.stats()
+            finally:
+                await new.aclose()
+        finally:
+            await old.aclose()
+        return first, second, third, zygote, stats
+
+    first, second, third, zygote, stats = anyio.run(scenario)
+    assert stats["pid"] == zygote, "the same fork server, not a new one"
+    assert second["created"] and third["created"] and stats["count"] == 3
+    err = capfd.readouterr().err
+    assert "a worker brought other settings, now in force: max_processes 1 -> 3" in err
+    assert "process_loop 'asyncio' (still 'auto')" in err, "what cannot change now is said, not ignored"
+
+
 def test_a_burst_of_new_sessions_queues_and_every_one_starts(runtime):
     async def scenario(pool):
         results = {}

@@ -250,7 +250,7 @@ class ProcessPool:
         try:
             rx = BufferedByteReceiveStream(stream)
             with anyio.fail_after(10):
-                await stream.send(wire.encode({"op": "hello"}))
+                await stream.send(wire.encode({"op": "hello", "settings": self.settings()}))
                 header = await rx.receive_exactly(wire.HEADER_SIZE)
                 reply = wire.decode_payload(await rx.receive_exactly(wire.decode_length(header)))
         except BaseException:
@@ -277,9 +277,11 @@ class ProcessPool:
             return False
         return True
 
-    async def _start_zygote(self) -> None:
-        cfg = {
-            "runtime_dir": self._runtime,
+    def settings(self) -> Dict[str, Any]:
+        """The fork server's settings this pool was configured with. They go with every
+        hello too: a fork server started by an earlier server (within its grace period)
+        takes them on, rather than go on with that one's."""
+        return {
             "max_processes": self.config.max_processes,
             "grace_seconds": self.config.grace_seconds,
             "start_timeout_seconds": self.config.start_timeout_seconds,
@@ -289,6 +291,12 @@ class ProcessPool:
             "process_loop": self.config.process_loop,
             "batch_scheduling": self.config.batch_scheduling,
             "log_level": self.config.log_level,
+        }
+
+    async def _start_zygote(self) -> None:
+        cfg = {
+            "runtime_dir": self._runtime,
+            **self.settings(),
             "sys_path": [p or os.getcwd() for p in sys.path],
             "main_path": self.main_path,
             "apps": sorted(self._apps),

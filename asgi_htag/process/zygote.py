@@ -127,6 +127,8 @@ class Zygote:
         # (a client that runs no JavaScript: a crawler, a script, a link preview) and that
         # has had this long to, is ended to make room rather than turn a person away.
         self.evict_after: float = float(cfg.get("evict_uncontacted_after", 10.0))
+        self.started_with = {k: cfg[k] for k in ("process_loop", "batch_scheduling", "log_level") if k in cfg}
+        self._kept_warned: List[str] = []
         self.main_path: Optional[str] = cfg.get("main_path")
         self.sel = selectors.DefaultSelector()
         self.children: Dict[str, Child] = {}  # live or starting, by key
@@ -323,6 +325,8 @@ class Zygote:
         if op == "hello":
             self.presence.add(conn)
             self.idle_since = None
+            if isinstance(msg.get("settings"), dict):
+                self._adopt(msg["settings"])
             self._reply(conn, {"ok": True, "pid": os.getpid()})
         elif op == "spawn":
             self._spawn(conn, msg)
@@ -363,6 +367,59 @@ class Zygote:
             self.stop = True
         else:
             self._reply(conn, {"ok": False, "error": "protocol", "message": f"unknown op {op!r}"})
+
+    # settings a worker's hello may change here and now, and how each is read
+    _LIVE_SETTINGS = {
+        "max_processes": ("max_processes", int),
+        "grace_seconds": ("grace", float),
+        "start_timeout_seconds": ("start_timeout", float),
+        "full_wait_seconds": ("full_wait", float),
+        "evict_uncontacted_after": ("evict_after", float),
+    }
+
+    def _adopt(self, settings: Dict[str, Any]) -> None:
+        """Take on the settings of the worker saying hello, where they differ from ours: a
+        server restarted with other settings finds this fork server still running (within
+        its grace period), or workers run a new configuration. The last one heard wins.
+        Those the forker and the session processes were started with (their event loop,
+        scheduling and log level) stay until this fork server stops."""
+        changed = []
+        for name, (attr, kind) in self._LIVE_SETTINGS.items():
+            if name not in settings:
+                continue
+            try:
+                value = kind(settings[name])
+            except (TypeError, ValueError):
+                continue
+            if name == "max_processes" and value < 1:
+                continue
+            if value != getattr(self, attr):
+                changed.append(f"{name} {getattr(self, attr)!r} -> {value!r}")
+                setattr(self, attr, value)
+        if "max_starting" in settings:
+            try:
+                starting = max(1, int(settings["max_starting"] or (os.cpu_count() or 1)))
+            except (TypeError, ValueError):
+                starting = self.max_starting
+            if starting != self.max_starting:
+                changed.append(f"max_starting {self.max_starting!r} -> {starting!r}")
+                self.max_starting = starting
+                self._start_queued()
+        if changed:
+            logger.warning("fork server %s: a worker brought other settings, now in force: %s", os.getpid(), ", ".join(changed))
+        kept = [
+            f"{name} {settings[name]!r} (still {self.started_with[name]!r})"
+            for name in ("process_loop", "batch_scheduling", "log_level")
+            if name in settings and name in self.started_with and settings[name] != self.started_with[name]
+        ]
+        if kept and kept != self._kept_warned:
+            self._kept_warned = kept
+            logger.warning(
+                "fork server %s: a worker asks for %s; that applies once this fork server has "
+                "stopped (every worker gone for its grace period) and a new one starts",
+                os.getpid(),
+                ", ".join(kept),
+            )
 
     def _app(self, ref: str) -> type:
         cls = self.apps.get(ref)
