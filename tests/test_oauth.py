@@ -172,3 +172,30 @@ def test_login_through_the_provider_then_the_htag_app_says_hello(oauth, page):
     page.click(sel("logout"))
     page.wait_for_selector(f"{sel('greeting')}:text-is('You are not logged in.')")
     assert page.text_content(sel("login")) == "log in"
+
+
+def test_a_provider_that_cannot_be_reached_gives_a_clear_failure_page_not_a_500(http_clients):
+    """The token exchange with a provider that is down: a 502 page that says so, a single
+    error line in the log (no traceback), and nobody logged in."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}"
+    app = Server("examples.starlette.oauth:app", env={"OAUTH_PROVIDER_URL": down})
+    try:
+        app.start()
+        c = http_clients(app.url)
+        to_provider = c.get("/login")  # authlib keeps the state in the session, no provider contacted yet
+        assert to_provider.status_code == 302 and to_provider.headers["location"].startswith(down + "/authorize?")
+        state = parse_qs(urlsplit(to_provider.headers["location"]).query)["state"][0]
+        failed = c.get(f"/auth?{urlencode({'code': 'some-code', 'state': state})}")
+        assert failed.status_code == 502 and "could not be reached" in failed.text
+        assert Page(c, "/").texts["greeting"] == "You are not logged in."
+        app.wait_for_log("OAuth login failed: the provider did not answer as expected: ConnectError")
+        assert "Traceback" not in app.log()
+    finally:
+        app.stop()
+        left = app.wait_no_processes()
+        app.cleanup()
+    assert not left

@@ -25,6 +25,7 @@ import html
 import logging
 import os
 
+import httpx
 from authlib.integrations.starlette_client import OAuth, OAuthError
 from htag import Tag
 from starlette.requests import Request
@@ -80,6 +81,13 @@ async def auth(request: Request) -> Response:
         logger.warning("OAuth login refused: %s", exc.error)
         return HTMLResponse(
             f"<h1>Login failed</h1><p>{html.escape(exc.error or 'error')}</p><a href='/'>back</a>", status_code=400
+        )
+    except httpx.HTTPError as exc:  # the provider is down, or answered the token or userinfo call with an error
+        logger.error("OAuth login failed: the provider did not answer as expected: %r", exc)
+        return HTMLResponse(
+            "<h1>Login failed</h1><p>The identity provider could not be reached. Try again later.</p>"
+            "<a href='/'>back</a>",
+            status_code=502,
         )
     # A new session id after a login: an id seen before authentication is worthless now.
     request.session.regenerate_id()
