@@ -441,11 +441,17 @@ def test_tampered_cookie_gives_a_fresh_session(server, new_client):
         assert recv_json(ws)["asgi_htag"] == "gone"
 
 
-def test_app_errors_show_message_without_traceback(server, new_client):
+def test_app_errors_reach_the_page_as_a_generic_message_and_the_log_with_their_details(server, new_client):
+    """Without debug, an exception's text (which may hold paths, data or queries) stays in
+    the server's log, with its traceback; the page is told that the app failed."""
     page = Page(new_client(), "/crashy")
     with page.ws() as ws:
         reply = click(ws, page, "boom")
-    assert reply["err"] == "boom in the app"
+        assert reply["err"] == "the application failed on this interaction; the server's log has the details"
+        assert texts_of(click(ws, page, "ok"))["n"] == "1", "the instance carries on"
+    http = Page(new_client(), "/crashy-http")
+    assert http.post(http.call("boom")).json()["err"] == reply["err"]
+    server.wait_for_log("ValueError: boom in the app")
 
 
 def test_killed_process_is_noticed_and_replaced(server, new_client):

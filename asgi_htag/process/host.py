@@ -399,6 +399,10 @@ class AppHost:
             finally:
                 self._disarm_alarm()
                 self.touch()  # inactivity counts from an interaction's end, not its start
+            if "err" in actions and not self.debug:
+                # htag sends the exception's text (str(e)); what it may hold (paths, data,
+                # queries) is for the log, where htag wrote it with its traceback
+                actions = {**actions, "err": _APP_FAILED}
             return actions, self.session.take_diff()
 
     def resync_actions(self) -> Dict[str, Any]:
@@ -555,7 +559,7 @@ class AppHost:
             return {"t": "error", "message": f"unknown frame type {_shown(t)}"}, None
         except Exception as exc:  # the app's bug must not take the process down
             logger.exception("process %s: error while handling %r", os.getpid(), t)
-            msg = traceback.format_exc() if self.debug else str(exc)
+            msg = traceback.format_exc() if self.debug else f"{_APP_FAILED} ({type(exc).__name__})"
             return _page_error(msg)
 
 
@@ -610,6 +614,7 @@ class _Peer(wire.FlowProtocol):
 
 
 _NOT_BUSY = wire.BUSY.pack(0.0)
+_APP_FAILED = "the application failed on this interaction; the server's log has the details"
 _MAX_NAME = 256
 
 
