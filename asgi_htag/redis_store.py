@@ -9,7 +9,7 @@ import logging
 from typing import Any, Dict, Iterable, Optional
 
 from .exceptions import ConfigurationError
-from .sessions import DEFAULT_MAX_AGE_SECONDS, SessionStore, _check_max_age, _encode_changes
+from .sessions import DEFAULT_MAX_AGE_SECONDS, SessionStore, _check_max_age, _encode_changes, _lifetime
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,9 @@ class RedisStore(SessionStore):
         """See :meth:`SessionStore.load`."""
         return self._decode(await self._redis().hgetall(self._key(sid)))
 
-    async def apply(self, sid: str, changed: Dict[str, Any], deleted: Iterable[str]) -> Dict[str, Any]:
+    async def apply(
+        self, sid: str, changed: Dict[str, Any], deleted: Iterable[str], *, lifetime: Optional[float] = None
+    ) -> Dict[str, Any]:
         """See :meth:`SessionStore.apply`."""
         encoded, removed = _encode_changes(changed, deleted)
         key = self._key(sid)
@@ -106,7 +108,7 @@ class RedisStore(SessionStore):
             removed = [k for k in removed if k != _MARK and k not in encoded]
             if removed:
                 pipe.hdel(key, *removed)
-            pipe.pexpire(key, int(self.max_age_seconds * 1000))
+            pipe.pexpire(key, max(1, int(_lifetime(lifetime, self.max_age_seconds) * 1000)))
             pipe.hgetall(key)
             results = await pipe.execute()
         return self._decode(results[-1]) or {}

@@ -54,6 +54,10 @@ _MAX_COOKIE_CANDIDATES = 4
 _MAX_PENDING_EXPIRED = 10000
 _MAX_REPORTED_DEAD = 1024
 _MAX_REFRESHED = 10_000  # session ids whose cookie this worker refreshed lately (an LRU)
+# How long a session lives before its browser first comes back with its cookie (then:
+# the store's max_age). A client that keeps no cookie (a crawler, a script) starts a new
+# session with every request; each would otherwise stay stored for max_age (14 days).
+NEW_SESSION_SECONDS = 3600.0
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -112,10 +116,15 @@ class SessionStore(ABC):
         """The data of session ``sid``, or None if it is unknown or expired."""
 
     @abstractmethod
-    async def apply(self, sid: str, changed: Dict[str, Any], deleted: Iterable[str]) -> Dict[str, Any]:
+    async def apply(
+        self, sid: str, changed: Dict[str, Any], deleted: Iterable[str], *, lifetime: Optional[float] = None
+    ) -> Dict[str, Any]:
         """Set the ``changed`` keys and remove the ``deleted`` ones in one atomic
         read-modify-write, so two writers of different keys both win. Creates the session
-        if needed and refreshes its expiry.
+        if needed and refreshes its expiry: ``lifetime`` seconds from now (at most the
+        store's ``max_age_seconds``, which None means). The middleware gives a shorter one
+        to a session whose browser has not come back yet (see :data:`NEW_SESSION_SECONDS`);
+        :meth:`touch` then gives it the full one.
 
         Returns:
             The full data of the session after the change.
@@ -206,15 +215,19 @@ class MemoryStore(SessionStore):
         """See :meth:`SessionStore.load`."""
         return self._live(sid)
 
-    async def apply(self, sid: str, changed: Dict[str, Any], deleted: Iterable[str]) -> Dict[str, Any]:
+    async def apply(
+        self, sid: str, changed: Dict[str, Any], deleted: Iterable[str], *, lifetime: Optional[float] = None
+    ) -> Dict[str, Any]:
         """See :meth:`SessionStore.apply`."""
-        return self._apply(sid, changed, deleted, True)  # type: ignore[return-value]
+        return self._apply(sid, changed, deleted, True, lifetime)  # type: ignore[return-value]
 
     async def apply_existing(self, sid: str, changed: Dict[str, Any], deleted: Iterable[str]) -> Optional[Dict[str, Any]]:
         """See :meth:`SessionStore.apply_existing`."""
         return self._apply(sid, changed, deleted, False)
 
-    def _apply(self, sid: str, changed: Dict[str, Any], deleted: Iterable[str], create: bool) -> Optional[Dict[str, Any]]:
+    def _apply(
+        self, sid: str, changed: Dict[str, Any], deleted: Iterable[str], create: bool, lifetime: Optional[float] = None
+    ) -> Optional[Dict[str, Any]]:
         encoded, removed = _encode_changes(changed, deleted)
         # No await between read and write: atomic within the event loop.
         data = self._live(sid)
@@ -226,7 +239,7 @@ class MemoryStore(SessionStore):
         for key in removed:
             data.pop(key, None)
         text = _dumps(data)
-        self._rows[sid] = (text, _now() + self.max_age_seconds)
+        self._rows[sid] = (text, _now() + _lifetime(lifetime, self.max_age_seconds))
         self._version += 1
         return json.loads(text)
 
@@ -383,7 +396,9 @@ class SQLiteStore(SessionStore):
         self._remember(sid, row[1])
         return data
 
-    def _apply_sync(self, sid: str, encoded: Dict[str, str], deleted: List[str], create: bool = True) -> Optional[Dict[str, Any]]:
+    def _apply_sync(
+        self, sid: str, encoded: Dict[str, str], deleted: List[str], create: bool = True, lifetime: Optional[float] = None
+    ) -> Optional[Dict[str, Any]]:
         conn = self._writer
         assert conn is not None
         with self._write_lock:
@@ -400,7 +415,7 @@ class SQLiteStore(SessionStore):
                     data[key] = json.loads(text)
                 for key in deleted:
                     data.pop(key, None)
-                expires = now + self.max_age_seconds
+                expires = now + _lifetime(lifetime, self.max_age_seconds)
                 conn.execute(
                     "INSERT OR REPLACE INTO sessions (sid, data, expires) VALUES (?, ?, ?)",
                     (sid, _dumps(data), expires),
@@ -420,11 +435,15 @@ class SQLiteStore(SessionStore):
             self._remember(sid, expires)
         return data
 
-    async def apply(self, sid: str, changed: Dict[str, Any], deleted: Iterable[str]) -> Dict[str, Any]:
+    async def apply(
+        self, sid: str, changed: Dict[str, Any], deleted: Iterable[str], *, lifetime: Optional[float] = None
+    ) -> Dict[str, Any]:
         """See :meth:`SessionStore.apply`. Runs in a worker thread."""
         encoded, removed = _encode_changes(changed, deleted)
         await self._ready()
-        return await anyio.to_thread.run_sync(self._apply_sync, sid, encoded, removed, limiter=self._limiter())  # type: ignore[return-value]
+        return await anyio.to_thread.run_sync(  # type: ignore[return-value]
+            self._apply_sync, sid, encoded, removed, True, lifetime, limiter=self._limiter()
+        )
 
     async def apply_existing(self, sid: str, changed: Dict[str, Any], deleted: Iterable[str]) -> Optional[Dict[str, Any]]:
         """See :meth:`SessionStore.apply_existing`: one transaction. Runs in a worker thread."""
@@ -518,6 +537,10 @@ class SQLiteStore(SessionStore):
         if self._reader is None and self._writer is None:
             return
         await anyio.to_thread.run_sync(self._close_sync)
+
+
+def _lifetime(lifetime: Optional[float], max_age: float) -> float:
+    return max_age if lifetime is None else max(0.0, min(float(lifetime), max_age))
 
 
 def default_store(state_dir: PathLike) -> SQLiteStore:
@@ -687,7 +710,7 @@ class Session(MutableMapping[str, Any]):
         if self.sid is None and changed:
             self.ensure_id()
         if self.sid is not None and (changed or deleted or self._needs_create):
-            stored = await self.store.apply(self.sid, changed, deleted)
+            stored = await self._apply(changed, deleted)
             self._needs_create = False
             self._rebase(stored)
         elif self.sid is None:
@@ -696,6 +719,12 @@ class Session(MutableMapping[str, Any]):
         while self._doomed:
             await self.store.delete(self._doomed[0])
             self._doomed.pop(0)
+
+    async def _apply(self, changed: Dict[str, Any], deleted: Iterable[str]) -> Dict[str, Any]:
+        assert self.sid is not None
+        if self.is_new:  # its browser has not come back with the cookie yet
+            return await self.store.apply(self.sid, changed, deleted, lifetime=NEW_SESSION_SECONDS)
+        return await self.store.apply(self.sid, changed, deleted)
 
     async def apply_changes(self, changed: Dict[str, Any], deleted: Iterable[str], *, create: bool = True) -> bool:
         """Apply a diff made elsewhere (e.g. by another process) to the store and to this
@@ -709,7 +738,8 @@ class Session(MutableMapping[str, Any]):
         """
         encoded, removed = _encode_changes(changed, deleted)
         if create:
-            stored = await self.store.apply(self.ensure_id(), changed, removed)
+            self.ensure_id()
+            stored = await self._apply(changed, removed)
             self._needs_create = False
         else:
             existing = await self.store.apply_existing(self.sid, changed, removed) if self.sid is not None else None

@@ -57,6 +57,19 @@ def test_store_semantics(redis_url):
                 await anyio.sleep(0.05)
             assert await short.load("s2") is None
             await short.close()
+            # a new session's shorter first lifetime, then the full one once touched
+            await a.apply("s3", {"k": "v"}, [], lifetime=0.3)
+            await a.apply("s4", {"k": "v"}, [], lifetime=0.3)
+            await a.touch("s4")  # its browser came back
+            assert 0 < await a._redis().pttl(a._key("s3")) <= 300
+            assert await a._redis().pttl(a._key("s4")) > 300_000
+            for _ in range(100):
+                if await a.load("s3") is None:
+                    break
+                await anyio.sleep(0.05)
+            assert await a.load("s3") is None and await a.load("s4") == {"k": "v"}
+            await a.apply("s5", {}, [], lifetime=10**9)  # never past max_age
+            assert await a._redis().pttl(a._key("s5")) <= a.max_age_seconds * 1000
             assert "redis://" not in repr(a)
         finally:
             await a.close()

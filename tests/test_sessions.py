@@ -1,5 +1,6 @@
 """Tests of asgi_htag.sessions: cookie signing, the middleware, the stores."""
 import contextlib
+import functools
 import json
 import os
 import sqlite3
@@ -442,6 +443,41 @@ def test_existing_session_expiry_is_refreshed(monkeypatch: pytest.MonkeyPatch) -
     clock[0] += 101
     _, body = request(app, "/read", cookie=cookie)
     assert body == {"sid": None, "data": {}}
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_new_session_lives_an_hour_until_its_browser_comes_back_then_max_age(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that keeps no cookie (a crawler, a script) starts a session per request:
+    each used to stay stored for max_age (14 days by default). A session lives
+    NEW_SESSION_SECONDS until its browser first comes back with the cookie, then max_age."""
+    clock = [1_000_000.0]
+    monkeypatch.setattr(sessions, "_now", lambda: clock[0])
+    day = 86400
+    store: Any = MemoryStore(max_age_seconds=day) if kind == "memory" else SQLiteStore(tmp_path / "s.db", max_age_seconds=day)
+    app = SessionMiddleware(raw_app, store=store, secret=SECRET)
+    assert sessions.NEW_SESSION_SECONDS == 3600
+    _, crawled = request(app, "/set/k/v")  # never comes back
+    start, kept = request(app, "/set/k/v")
+    clock[0] += 60
+    request(app, "/read", cookie=cookie_value(start))  # back: the full lifetime, from now
+    clock[0] += 3600
+    assert run(store.load, crawled["sid"]) is None, "gone after an hour"
+    assert run(store.load, kept["sid"]) == {"k": "v"}
+    clock[0] += day - 3600 - 1
+    assert run(store.load, kept["sid"]) == {"k": "v"}, "a day after its return"
+    clock[0] += 2
+    assert run(store.load, kept["sid"]) is None
+    # the store's own parameter: a lifetime, never past max_age; None is max_age
+    run(functools.partial(store.apply, lifetime=10), "x" * 20, {"a": 1}, [])
+    run(functools.partial(store.apply, lifetime=10 * day), "y" * 20, {"a": 1}, [])
+    run(store.apply, "z" * 20, {"a": 1}, [])
+    clock[0] += 11
+    assert run(store.load, "x" * 20) is None and run(store.load, "y" * 20) == {"a": 1}
+    clock[0] += day - 10
+    assert run(store.load, "y" * 20) is None and run(store.load, "z" * 20) is None
+    run(store.close)
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
