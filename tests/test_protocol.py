@@ -978,10 +978,12 @@ def test_a_page_that_reconnects_while_an_interaction_pushes_gets_the_pushes_then
             answer = recv_json(running)
 
 
-def test_a_failed_resync_tells_the_page_why(server, new_client):
+def test_a_failed_resync_tells_the_page_and_the_log_says_why(server, new_client):
     page = Page(new_client(), "/bad-render")
     with page.ws() as ws:
         assert "asgi_htag" not in click(ws, page, "brk")
     with page.ws(resync=True) as ws:
         msg = recv_json(ws)
-        assert msg["asgi_htag"] == "error" and "render fails in this state" in msg["message"], msg
+        assert msg["asgi_htag"] == "error" and msg["message"].startswith("the application failed"), msg
+        assert "(RuntimeError)" in msg["message"] and "render fails" not in msg["message"], "no app text without debug"
+    server.wait_for_log("RuntimeError: render fails in this state")
