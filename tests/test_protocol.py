@@ -447,7 +447,7 @@ def test_app_errors_reach_the_page_as_a_generic_message_and_the_log_with_their_d
     page = Page(new_client(), "/crashy")
     with page.ws() as ws:
         reply = click(ws, page, "boom")
-        assert reply["err"] == "the application failed on this interaction; the server's log has the details"
+        assert reply["err"] == "the application failed; the server's log has the details"
         assert texts_of(click(ws, page, "ok"))["n"] == "1", "the instance carries on"
     http = Page(new_client(), "/crashy-http")
     assert http.post(http.call("boom")).json()["err"] == reply["err"]

@@ -614,7 +614,7 @@ class _Peer(wire.FlowProtocol):
 
 
 _NOT_BUSY = wire.BUSY.pack(0.0)
-_APP_FAILED = "the application failed on this interaction; the server's log has the details"
+_APP_FAILED = "the application failed; the server's log has the details"
 _MAX_NAME = 256
 
 
