@@ -199,8 +199,14 @@ class Engine:
         worker_batch_scheduling: Union[bool, str] = False,
         session_cookie: Optional[Dict[str, Any]] = None,
     ) -> None:
-        if max_processes < 1:
-            raise ConfigurationError("max_processes must be >= 1")
+        if isinstance(max_processes, bool) or not isinstance(max_processes, int) or max_processes < 1:
+            raise ConfigurationError(f"max_processes must be an int >= 1, got {max_processes!r}")
+        if (
+            isinstance(zygote_grace_seconds, bool)
+            or not isinstance(zygote_grace_seconds, (int, float))
+            or not 0 <= zygote_grace_seconds < 86400 * 365
+        ):
+            raise ConfigurationError(f"zygote_grace_seconds must be a number of seconds >= 0, got {zygote_grace_seconds!r}")
         if max_message_bytes > wire.DEFAULT_MAX_FRAME_BYTES - 64 * 1024:
             raise ConfigurationError(
                 f"max_message_bytes must be <= {wire.DEFAULT_MAX_FRAME_BYTES - 64 * 1024} (what a frame to a process can hold)"

@@ -280,3 +280,24 @@ def _backoff(load, tid, clock, stats, monkeypatch):
     assert (load.switches, load.backoffs) == (3, 1)
     load.finished(2)
     assert policy() == os.SCHED_OTHER
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"max_processes": 0}, "max_processes must be an int >= 1"),
+        ({"max_processes": float("inf")}, "max_processes must be an int >= 1"),
+        ({"max_processes": True}, "max_processes must be an int >= 1"),
+        ({"max_processes": "10"}, "max_processes must be an int >= 1"),
+        ({"zygote_grace_seconds": -1}, "zygote_grace_seconds must be"),
+        ({"zygote_grace_seconds": float("inf")}, "zygote_grace_seconds must be"),
+        ({"zygote_grace_seconds": float("nan")}, "zygote_grace_seconds must be"),
+    ],
+)
+def test_process_limits_out_of_range_are_refused_at_construction(tmp_path, options, message):
+    """They would reach the fork server, which a float('inf') used to stop."""
+    from asgi_htag import HtagASGI
+    from tests.apps import Counter
+
+    with pytest.raises(ConfigurationError, match=message):
+        HtagASGI(Counter, state_dir=str(tmp_path), **options)

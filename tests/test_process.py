@@ -477,6 +477,110 @@ def test_a_fork_server_still_running_takes_on_the_settings_of_a_worker_that_come
     assert "process_loop 'asyncio' (still 'auto')" in err, "what cannot change now is said, not ignored"
 
 
+def test_the_delay_to_make_contact_counts_from_when_the_page_was_last_handed_out(runtime):
+    """Not from the fork: a process that took longer than the delay to start, or a page
+    rendered again (a reload) after a while, gets its full delay from then on."""
+    from asgi_htag.exceptions import PoolFull
+
+    async def render(pool, key, token):
+        conn = await pool.connect(key)
+        try:
+            return (await conn.request({"t": "render", "token": token, "session": {}}))["t"]
+        finally:
+            await conn.aclose()
+
+    async def scenario(pool):
+        slow = await pool.spawn("1" * 20, "tests.apps:SlowStart", [[], {}], {}, OPTS)  # 1 s to start: as long as the delay
+        with pytest.raises(PoolFull):  # ready just now: its page has not even been rendered
+            await pool.spawn("2" * 20, "tests.apps:Counter", [[], {}], {}, OPTS)
+        assert await render(pool, "1" * 20, slow["token"]) == "html"
+        await anyio.sleep(1.2)
+        again = await pool.spawn("1" * 20, "tests.apps:SlowStart", [[], {}], {}, OPTS)  # a reload
+        assert again["created"] is False and await render(pool, "1" * 20, again["token"]) == "html"
+        with pytest.raises(PoolFull):  # rendered again just now
+            await pool.spawn("2" * 20, "tests.apps:Counter", [[], {}], {}, OPTS)
+        await anyio.sleep(1.2)
+        newcomer = await pool.spawn("2" * 20, "tests.apps:Counter", [[], {}], {}, OPTS)
+        return slow, newcomer, (await pool.stats())["pids"]
+
+    slow, newcomer, pids = run(scenario, runtime, max_processes=1, evict_uncontacted_after=1.0)
+    assert newcomer["created"] and pids == [newcomer["pid"]] and slow["pid"] not in pids
+
+
+def test_a_hello_with_settings_out_of_range_is_ignored_and_a_raised_limit_frees_parked_spawns(runtime, capfd):
+    """A worker's hello must not stop the fork server (inf, NaN, negative values); and a
+    spawn parked at max_processes gets its place as soon as a hello raises the limit."""
+    from asgi_htag.process import wire as _wire
+
+    async def hello(settings):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(runtime / "zygote.s"))
+            s.sendall(_wire.encode({"op": "hello", "settings": settings}))
+            return s.recv(65536)
+
+    async def scenario(pool):
+        held = await pool.spawn("1" * 20, "tests.apps:Holder", [["4"], {}], {}, OPTS, owner="a" * 20)
+        conn = await pool.connect("1" * 20)
+        html = (await conn.request({"t": "render", "token": held["token"], "session": {}}))["html"]
+        oid = int(html.split('<body id="')[1].split('"')[0])
+        await conn.send({"t": "interact", "token": held["token"]},
+                        json.dumps({"id": oid, "method": "hold", "args": [], "kargs": {}, "event": {}}).encode())
+        await anyio.sleep(0.3)
+        zygote = (await pool.stats())["pid"]
+        for bad in ({"max_processes": float("inf")}, {"max_starting": float("inf")}, {"max_processes": 0},
+                    {"start_timeout_seconds": float("inf")}, {"start_timeout_seconds": -1}, {"full_wait_seconds": float("nan")},
+                    {"grace_seconds": "x"}, {"max_processes": 2.5}, {"max_processes": True}):
+            assert b'"ok":true' in (await hello(bad)).replace(b" ", b""), bad
+        assert await pool.end_owner("a" * 20) == 1  # busy 4 s more: leaving, not gone
+        t0 = time.monotonic()
+        result = {}
+
+        async def newcomer():
+            result["spawn"] = await pool.spawn("2" * 20, "tests.apps:Counter", [[], {}], {}, OPTS)
+            result["after"] = time.monotonic() - t0
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(newcomer)
+            await anyio.sleep(0.5)
+            result["raised_at"] = time.monotonic() - t0
+            await hello({"max_processes": 5})
+        await conn.aclose()
+        return zygote, (await pool.stats())["pid"], result
+
+    zygote, still, result = run(scenario, runtime, max_processes=1, full_wait_seconds=3.0)
+    assert still == zygote, "the same fork server lives on"
+    assert result["spawn"]["created"] and result["raised_at"] <= result["after"], result
+    err = capfd.readouterr().err
+    assert err.count("a worker brought settings out of range, ignored") == 9
+    assert "max_processes 1 -> 5" in err
+
+
+def test_the_fork_server_skips_a_stale_event_and_answers_parked_spawns_when_it_stops(runtime):
+    import selectors as _selectors
+
+    from asgi_htag.process.zygote import Zygote
+
+    z = Zygote({"runtime_dir": str(runtime)})
+    r1, w1 = os.pipe()
+    key = z.sel.register(r1, _selectors.EVENT_READ, "ready")
+    assert z._still_registered(key)
+    z.sel.unregister(r1)
+    os.close(r1)
+    r2, w2 = os.pipe()  # the same descriptor number, most likely: a new child's pipe
+    z.sel.register(r2, _selectors.EVENT_READ, "ready")
+    assert not z._still_registered(key), "an event of the closed descriptor is not taken for the new one's"
+    a, b = socket.socketpair()
+    z.parked.append((a, {"op": "spawn", "key": "3" * 20}, time.monotonic() + 60))
+    z.shutdown()
+    reply = b.recv(65536)
+    assert b'"error":"full"' in reply.replace(b" ", b"") and not z.parked
+    for fd in (w1, r2, w2):
+        os.close(fd)
+    a.close()
+    b.close()
+
+
 def test_a_burst_of_new_sessions_queues_and_every_one_starts(runtime):
     async def scenario(pool):
         results = {}

@@ -238,7 +238,7 @@ class AppHost:
         write to an open file: no mapping, whose page would count in each process's memory)."""
         try:
             self.busy = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.pwrite(self.busy, _NOT_BUSY + (wire.CONTACTED if self.contacted else b"\x00"), 0)
+            os.pwrite(self.busy, _NOT_BUSY + (wire.CONTACTED if self.contacted else b"\x00") + _NEVER_RENDERED, 0)
         except OSError as exc:  # the watchdog then falls back on its deadline alone
             logger.warning("process %s: no busy mark at %s: %s", os.getpid(), path, exc)
 
@@ -372,6 +372,13 @@ class AppHost:
                 self.session.sync(frame["session"])
             self.touch()
             _offered.clear()  # a full render re-offers everything the page now holds
+            if not self.contacted and self.busy >= 0:
+                # a page handed out (again): the fork server, full, leaves this process
+                # alone until that page has had its time to make contact
+                try:
+                    os.pwrite(self.busy, wire.RENDERED.pack(time.monotonic()), wire.RENDERED_OFFSET)
+                except OSError:
+                    pass
             self._arm_alarm()  # the app's render() runs here: it gets the time an interaction gets
             try:
                 html = str(self.hr)
@@ -614,6 +621,7 @@ class _Peer(wire.FlowProtocol):
 
 
 _NOT_BUSY = wire.BUSY.pack(0.0)
+_NEVER_RENDERED = wire.RENDERED.pack(0.0)
 _APP_FAILED = "the application failed; the server's log has the details"
 _MAX_NAME = 256
 

@@ -66,6 +66,10 @@ def compact_json(obj: Dict[str, Any]) -> bytes:
 BUSY = struct.Struct("=d")
 CONTACT_OFFSET = BUSY.size
 CONTACTED = b"\x01"
+# Then, until contact, the CLOCK_MONOTONIC time of the page's latest render: a page handed
+# out again (a reload) has its full delay to make contact from then on.
+RENDERED = struct.Struct("=d")
+RENDERED_OFFSET = CONTACT_OFFSET + 1
 
 
 def busy_path(sock_path: str) -> str:
@@ -84,16 +88,20 @@ def read_busy(sock_path: str) -> Optional[float]:
     return BUSY.unpack(data)[0] if len(data) == BUSY.size else None
 
 
-def read_contacted(sock_path: str) -> bool:
-    """Whether the page of the process of ``sock_path`` has made contact (see BUSY); True
-    if that cannot be read (a process that cannot be judged is not ended for it)."""
+def read_contact(sock_path: str) -> Tuple[bool, float]:
+    """``(whether the page of the process of sock_path made contact, when it was last
+    rendered (0.0: never))``, from its busy mark (see BUSY). A mark that cannot be read
+    reads as contact made: a process that cannot be judged is not ended for it."""
     try:
         with open(busy_path(sock_path), "rb") as f:
             f.seek(CONTACT_OFFSET)
-            flag = f.read(1)
+            data = f.read(1 + RENDERED.size)
     except OSError:
-        return True
-    return flag != b"\x00" and flag != b""
+        return True, 0.0
+    if data[:1] != b"\x00":
+        return True, 0.0
+    rendered = RENDERED.unpack(data[1:])[0] if len(data) == 1 + RENDERED.size else 0.0
+    return False, rendered
 
 
 _scan_once = json.JSONDecoder().scan_once

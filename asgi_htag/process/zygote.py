@@ -29,6 +29,7 @@ import importlib.util
 import io
 import json
 import logging
+import math
 import os
 import re
 import resource
@@ -89,7 +90,7 @@ def load_app(ref: str, main_path: Optional[str]) -> type:
 
 
 class Child:
-    __slots__ = ("key", "pid", "pidfd", "token", "init", "ready", "ready_fd", "waiters", "deadline", "buf", "started", "timeout", "owner", "contacted")
+    __slots__ = ("key", "pid", "pidfd", "token", "init", "ready", "ready_fd", "waiters", "deadline", "buf", "started", "timeout", "owner", "contacted", "ready_at")
 
     def __init__(self, key: str, pid: int, pidfd: int, token: str, init: str, ready_fd: int, deadline: float) -> None:
         self.key = key
@@ -106,6 +107,7 @@ class Child:
         self.timeout = 0.0  # its timeout_interaction (the kernel timer that ends a slow start)
         self.owner = ""  # a hash of its session's id: the session's processes end with it (kill_owner)
         self.contacted = False  # its page made contact (known once read from its busy mark)
+        self.ready_at = 0.0  # when it reported ready (its page can only be rendered after)
 
 
 class Zygote:
@@ -232,6 +234,10 @@ class Zygote:
                 t = max(0.0, min(until for _c, _m, until in self.parked) - now)
                 timeout = t if timeout is None else min(timeout, t)
             for key, _events in self.sel.select(timeout):
+                if not self._still_registered(key):
+                    # its descriptor was closed by an earlier event of this batch (and its
+                    # number may already belong to a new child's pipe): stale
+                    continue
                 tag = key.data
                 if tag == "listen":
                     self._accept()
@@ -256,8 +262,15 @@ class Zygote:
                     self._kill(child, signal.SIGKILL)
             if not self.presence and self.idle_since is not None and now - self.idle_since >= self.grace:
                 logger.info("no web worker left for %ss: stopping %d processes", self.grace, len(self.by_pidfd))
+                self.stop = True
                 break
         self.shutdown()
+
+    def _still_registered(self, key: "selectors.SelectorKey") -> bool:
+        try:
+            return self.sel.get_key(key.fd) is key
+        except (KeyError, ValueError):
+            return False
 
     def _accept(self) -> None:
         assert self.listener is not None
@@ -326,7 +339,10 @@ class Zygote:
             self.presence.add(conn)
             self.idle_since = None
             if isinstance(msg.get("settings"), dict):
-                self._adopt(msg["settings"])
+                try:
+                    self._adopt(msg["settings"])
+                except Exception:  # never the loop every session's process depends on
+                    logger.exception("fork server %s: could not take on a worker's settings", os.getpid())
             self._reply(conn, {"ok": True, "pid": os.getpid()})
         elif op == "spawn":
             self._spawn(conn, msg)
@@ -369,12 +385,14 @@ class Zygote:
             self._reply(conn, {"ok": False, "error": "protocol", "message": f"unknown op {op!r}"})
 
     # settings a worker's hello may change here and now, and how each is read
+    # (the attribute, the lowest and highest value taken)
     _LIVE_SETTINGS = {
-        "max_processes": ("max_processes", int),
-        "grace_seconds": ("grace", float),
-        "start_timeout_seconds": ("start_timeout", float),
-        "full_wait_seconds": ("full_wait", float),
-        "evict_uncontacted_after": ("evict_after", float),
+        "max_processes": ("max_processes", 1, 10_000_000),
+        "max_starting": ("max_starting", 0, 10_000),
+        "grace_seconds": ("grace", 0.0, 86400.0 * 365),
+        "start_timeout_seconds": ("start_timeout", 0.001, 86400.0 * 365),
+        "full_wait_seconds": ("full_wait", 0.0, 3600.0),
+        "evict_uncontacted_after": ("evict_after", -1.0, 86400.0 * 365),
     }
 
     def _adopt(self, settings: Dict[str, Any]) -> None:
@@ -384,29 +402,26 @@ class Zygote:
         Those the forker and the session processes were started with (their event loop,
         scheduling and log level) stay until this fork server stops."""
         changed = []
-        for name, (attr, kind) in self._LIVE_SETTINGS.items():
+        refused = []
+        for name, (attr, lowest, highest) in self._LIVE_SETTINGS.items():
             if name not in settings:
                 continue
-            try:
-                value = kind(settings[name])
-            except (TypeError, ValueError):
+            value = _setting(settings[name], lowest, highest, integer=name in ("max_processes", "max_starting"))
+            if value is None:
+                refused.append(f"{name}={settings[name]!r}")
                 continue
-            if name == "max_processes" and value < 1:
-                continue
+            if name == "max_starting":
+                value = int(value) or (os.cpu_count() or 1)
             if value != getattr(self, attr):
                 changed.append(f"{name} {getattr(self, attr)!r} -> {value!r}")
                 setattr(self, attr, value)
-        if "max_starting" in settings:
-            try:
-                starting = max(1, int(settings["max_starting"] or (os.cpu_count() or 1)))
-            except (TypeError, ValueError):
-                starting = self.max_starting
-            if starting != self.max_starting:
-                changed.append(f"max_starting {self.max_starting!r} -> {starting!r}")
-                self.max_starting = starting
-                self._start_queued()
+        if refused:
+            logger.error("fork server %s: a worker brought settings out of range, ignored: %s", os.getpid(), ", ".join(refused))
         if changed:
             logger.warning("fork server %s: a worker brought other settings, now in force: %s", os.getpid(), ", ".join(changed))
+            self._start_queued()
+            if self.parked:
+                self._retry_parked()  # a limit raised: room now, perhaps
         kept = [
             f"{name} {settings[name]!r} (still {self.started_with[name]!r})"
             for name in ("process_loop", "batch_scheduling", "log_level")
@@ -660,6 +675,7 @@ class Zygote:
             msg = {"ok": False, "error": "crash", "message": "garbled start-up report"}
         if msg.get("ok"):
             child.ready = True
+            child.ready_at = time.monotonic()
             reply = {"ok": True, "pid": child.pid, "token": child.token, "created": True}
             logger.debug("process %s for %s is ready", child.pid, child.key[:8])
         else:
@@ -694,22 +710,30 @@ class Zygote:
         ``evict_after`` seconds; False if there is none."""
         if self.evict_after < 0:
             return False
-        candidates = [
-            c for c in self.children.values() if c.ready and not c.contacted and now - c.started >= self.evict_after
-        ]
-        for child in sorted(candidates, key=lambda c: c.started):
-            if wire.read_contacted(socket_path(self.runtime_dir, child.key)):
+        oldest: Optional[Tuple[float, Child]] = None
+        for child in list(self.children.values()):
+            if not child.ready or child.contacted or now - child.ready_at < self.evict_after:
+                continue
+            contacted, rendered = wire.read_contact(socket_path(self.runtime_dir, child.key))
+            if contacted:
                 child.contacted = True  # for good: contact is never taken back
                 continue
-            logger.warning(
-                "max_processes reached: ending process %s for %s, whose page made no contact in %.0fs",
-                child.pid,
-                child.key[:8],
-                now - child.started,
-            )
-            self._kill(child, signal.SIGTERM)
-            return True
-        return False
+            # the delay counts from the latest time its page was handed out (a reload
+            # renders the same process again), never from before it was ready
+            since = max(child.ready_at, rendered)
+            if now - since >= self.evict_after and (oldest is None or since < oldest[0]):
+                oldest = (since, child)
+        if oldest is None:
+            return False
+        since, child = oldest
+        logger.warning(
+            "max_processes reached: ending process %s for %s, whose page made no contact in %.0fs",
+            child.pid,
+            child.key[:8],
+            now - since,
+        )
+        self._kill(child, signal.SIGTERM)
+        return True
 
     def _retry_parked(self) -> None:
         """A process ended: the spawns parked at max_processes try again, in arrival order
@@ -724,15 +748,11 @@ class Zygote:
                 self._spawn(conn, msg, until)
 
     def _expire_parked(self, now: float) -> None:
-        kept: "collections.deque[Tuple[socket.socket, Dict[str, Any], float]]" = collections.deque()
-        for conn, msg, until in self.parked:
-            if conn.fileno() < 0:
-                continue
-            if now >= until:
-                self._reply(conn, _full_reply(self.max_processes))
-            else:
-                kept.append((conn, msg, until))
-        self.parked = kept
+        """Spawns parked past their deadline try once more (a limit raised meanwhile, a
+        place freed): each is then started, or refused as full."""
+        if not any(now >= until for _c, _m, until in self.parked):
+            return
+        self._retry_parked()
 
     def _on_exit(self, pidfd: int) -> None:
         child = self.by_pidfd.pop(pidfd, None)
@@ -785,7 +805,11 @@ class Zygote:
         """Stop listening (a worker that comes now finds no one and starts a new fork
         server once our lock is free), terminate every child we started, wait a bounded
         time, then kill the rest."""
+        self.stop = True  # nothing is forked from here on (see _retry_parked, _start_queued)
         self._close_listener()
+        for conn, _msg, _until in self.parked:
+            self._reply(conn, _full_reply(self.max_processes))
+        self.parked.clear()
         pending = dict(self.by_pidfd)
         for child in pending.values():
             try:
@@ -822,6 +846,18 @@ class Zygote:
                 pass
             self.listener.close()
             self.listener = None
+
+
+def _setting(value: Any, lowest: float, highest: float, *, integer: bool) -> Optional[float]:
+    """``value`` as a finite number within [lowest, highest] (an int if ``integer``), or
+    None: a worker's hello must not be able to stop the loop everyone's sessions run on."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not math.isfinite(value) or not lowest <= value <= highest:
+        return None
+    if integer:
+        return int(value) if float(value).is_integer() else None
+    return float(value)
 
 
 def _full_reply(max_processes: int) -> Dict[str, Any]:
