@@ -34,7 +34,10 @@ class FallbackHandler(logging.Handler):
             stream.write(self.format(record) + "\n")
             stream.flush()
         except Exception:
-            self.handleError(record)
+            # nowhere to write (stderr closed, a broken pipe): a last resort says nothing
+            # rather than raise into the request that logged (handleError would write to
+            # that same stderr)
+            pass
 
 
 __all__ = ("FallbackHandler",)

@@ -334,6 +334,7 @@ class Engine:
                 "asgi_htag needs its own session in scope['session']; wrap the app in "
                 "asgi_htag.SessionMiddleware (or use HtagASGI / Runner, which do it)"
             )
+        session.accessed = True  # the session's id keys the process, which reads its data
         return session
 
     # --- GET: the page ----------------------------------------------------------------

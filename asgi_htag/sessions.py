@@ -10,8 +10,10 @@ which is where Starlette's ``request.session`` and authlib look for it. This mod
 import Starlette.
 """
 import base64
+import functools
 import hashlib
 import hmac
+import inspect
 import json
 import logging
 import os
@@ -539,6 +541,27 @@ class SQLiteStore(SessionStore):
         await anyio.to_thread.run_sync(self._close_sync)
 
 
+@functools.lru_cache(maxsize=64)
+def _store_takes_lifetime(store_type: type) -> bool:
+    try:
+        params = inspect.signature(store_type.apply).parameters
+    except (TypeError, ValueError):
+        return False
+    return "lifetime" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _takes_lifetime(store: "SessionStore") -> bool:
+    """Whether ``store.apply`` takes ``lifetime`` (a store written before it did: its new
+    sessions get the store's full lifetime, as they used to)."""
+    return _store_takes_lifetime(type(store))
+
+
+def cookie_refresh_seconds(max_age_seconds: float) -> float:
+    """How often :class:`SessionMiddleware` sets the cookie of a session in use again: a
+    twentieth of its ``Max-Age``, 1 s to a day."""
+    return max(1.0, min(86400.0, max_age_seconds / 20))
+
+
 def _lifetime(lifetime: Optional[float], max_age: float) -> float:
     return max_age if lifetime is None else max(0.0, min(float(lifetime), max_age))
 
@@ -711,8 +734,16 @@ class Session(MutableMapping[str, Any]):
             self.ensure_id()
         if self.sid is not None and (changed or deleted or self._needs_create):
             stored = await self._apply(changed, deleted)
-            self._needs_create = False
-            self._rebase(stored)
+            if stored is None:
+                # dropped meanwhile (a logout in another request, another worker) or
+                # expired: its changes must not bring it back
+                logger.info("session %s... is gone from the store: this request's changes are dropped", self.sid[:6])
+                self.sid = None
+                self.is_new = self._needs_create = False
+                self._data, self._baseline = {}, {}
+            else:
+                self._needs_create = False
+                self._rebase(stored)
         elif self.sid is None:
             self._baseline = {}
         # Old ids go only once the data is safe under the new one.
@@ -720,9 +751,14 @@ class Session(MutableMapping[str, Any]):
             await self.store.delete(self._doomed[0])
             self._doomed.pop(0)
 
-    async def _apply(self, changed: Dict[str, Any], deleted: Iterable[str]) -> Dict[str, Any]:
+    async def _apply(self, changed: Dict[str, Any], deleted: Iterable[str]) -> Optional[Dict[str, Any]]:
+        """Write to the store: a session this request created is created there (with
+        NEW_SESSION_SECONDS: its browser has not come back with the cookie yet); one it
+        loaded is only written if it still exists (else None)."""
         assert self.sid is not None
-        if self.is_new:  # its browser has not come back with the cookie yet
+        if not (self.is_new or self._needs_create):
+            return await self.store.apply_existing(self.sid, changed, deleted)
+        if _takes_lifetime(self.store):
             return await self.store.apply(self.sid, changed, deleted, lifetime=NEW_SESSION_SECONDS)
         return await self.store.apply(self.sid, changed, deleted)
 
@@ -730,8 +766,9 @@ class Session(MutableMapping[str, Any]):
         """Apply a diff made elsewhere (e.g. by another process) to the store and to this
         mapping; this mapping's own pending changes to other keys stay pending.
 
-        With ``create=False`` a session that no longer exists in the store (deleted by a
-        logout, or expired) is left alone: nothing changes and False is returned.
+        A session that no longer exists in the store (deleted by a logout, or expired) is
+        left alone: nothing changes and False is returned. ``create=True`` creates only a
+        session this request started (no id yet, or a new one).
 
         Raises:
             TypeError: a key is not a str or a value is not JSON-serializable.
@@ -739,13 +776,13 @@ class Session(MutableMapping[str, Any]):
         encoded, removed = _encode_changes(changed, deleted)
         if create:
             self.ensure_id()
-            stored = await self._apply(changed, removed)
-            self._needs_create = False
+            existing = await self._apply(changed, removed)  # creates only a session this request made
         else:
             existing = await self.store.apply_existing(self.sid, changed, removed) if self.sid is not None else None
-            if existing is None:
-                return False
-            stored = existing
+        if existing is None:
+            return False
+        self._needs_create = False
+        stored = existing
         for key, text in encoded.items():
             self._data[key] = json.loads(text)
             self._baseline[key] = text
@@ -919,7 +956,7 @@ class SessionMiddleware:
         # The cookie's Max-Age counts from when it was set: a session in use gets it again
         # (a sliding expiry, as the store's) once every twentieth of it (1 s to a day), and
         # at its first request to this worker, whose age it cannot know.
-        self.refresh_seconds = max(1.0, min(86400.0, max_age_seconds / 20))
+        self.refresh_seconds = cookie_refresh_seconds(max_age_seconds)
         self._refreshed: "OrderedDict[str, float]" = OrderedDict()
 
     def __repr__(self) -> str:
@@ -1070,7 +1107,12 @@ class SessionMiddleware:
             session.is_new = False
             self._cookie_refreshed(session.sid)
             return self._cookie(sign_sid(self._secret, session.sid), self.max_age_seconds, secure), session.sid
-        if session.sid is not None and self._cookie_due(session.sid):
+        if (
+            session.sid is not None
+            and (session.accessed or wrote)  # in use: not a static file's response, say
+            and self._cookie_due(session.sid)
+            and (wrote or await self.store.load(session.sid) is not None)  # not dropped meanwhile
+        ):
             return self._cookie(sign_sid(self._secret, session.sid), self.max_age_seconds, secure), session.sid
         if session.sid is None and browser_sid is not None:
             logger.debug("session %s... dropped; expiring its cookie", browser_sid[:6])

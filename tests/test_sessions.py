@@ -39,8 +39,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 async def raw_app(scope: Dict[str, Any], receive: Any, send: Any) -> None:
     """A tiny ASGI app driven by its path: /set/<k>/<v>, /append, /clear, /pop/<k>[/<k2>]
-    (<k2> written meanwhile by someone else), /regenerate, /invalidate, /peek (reads
-    nothing); it answers with the session id and data."""
+    (<k2> written meanwhile by someone else), /regenerate, /invalidate, /get/<k> (reads a
+    key before it answers), /peek (reads nothing); it answers with the session id and data."""
     session: Session = scope["session"]
     parts = scope["path"].strip("/").split("/")
     if parts[0] == "set":
@@ -58,6 +58,8 @@ async def raw_app(scope: Dict[str, Any], receive: Any, send: Any) -> None:
         session.regenerate_id()
     elif parts[0] == "invalidate":
         session.invalidate()
+    elif parts[0] == "get":
+        session.get(parts[1])
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
     # Read after the start, once the middleware has committed and given the session its id.
     if parts[0] == "peek":
@@ -613,22 +615,29 @@ def test_a_session_in_use_gets_its_cookie_again_every_twentieth_of_its_max_age(m
     assert "Max-Age=400" in first
     for step in (5.0, 14.9):  # within a twentieth: nothing to refresh
         mono[0] += step
-        start, _ = request(app, "/peek", cookie=value)
+        start, _ = request(app, "/get/k", cookie=value)
         assert set_cookies(start) == []
     mono[0] += 0.2
     start, _ = request(app, "/peek", cookie=value)
+    assert set_cookies(start) == [], "a response that does not use the session (a static file) gets none"
+    start, _ = request(app, "/get/k", cookie=value)
     (again,) = set_cookies(start)
     assert again == first, "the same value and attributes, so a new Max-Age"
     assert any(k == b"vary" for k, _ in start["headers"])
-    start, _ = request(app, "/peek", cookie=value)
+    start, _ = request(app, "/get/k", cookie=value)
     assert set_cookies(start) == []
     # another worker (a middleware that never saw this cookie) refreshes it at once
     other = SessionMiddleware(raw_app, store=store, secret=SECRET, max_age_seconds=400)
-    start, _ = request(other, "/peek", cookie=value)
+    start, _ = request(other, "/get/k", cookie=value)
     assert set_cookies(start) == [first]
     # a forged cookie refreshes nothing (it gets a new session, if anything)
-    start, _ = request(app, "/peek", cookie=value[:-2] + "xx")
+    start, _ = request(app, "/get/k", cookie=value[:-2] + "xx")
     assert all(value not in c for c in set_cookies(start))
+    # dropped meanwhile (a logout in another request): not handed back to the browser
+    third = SessionMiddleware(raw_app, store=store, secret=SECRET, max_age_seconds=400)
+    run(store.delete, body["sid"])
+    start, _ = request(third, "/get/k", cookie=value)
+    assert all(value not in c for c in set_cookies(start)), set_cookies(start)
     # bounded: the least recently refreshed ids are forgotten first
     monkeypatch.setattr(sessions, "_MAX_REFRESHED", 3)
     for i in range(5):
@@ -637,6 +646,45 @@ def test_a_session_in_use_gets_its_cookie_again_every_twentieth_of_its_max_age(m
     assert SessionMiddleware(raw_app, store=store, secret=SECRET, max_age_seconds=10).refresh_seconds == 1.0
     assert SessionMiddleware(raw_app, store=store, secret=SECRET).refresh_seconds == 14 * 86400 / 20
     assert SessionMiddleware(raw_app, store=store, secret=SECRET, max_age_seconds=400 * 86400).refresh_seconds == 86400.0
+
+
+def test_a_request_that_loaded_a_session_dropped_meanwhile_does_not_bring_it_back(store: MemoryStore) -> None:
+    """A slow request B loads the session; a logout (another request, another worker)
+    deletes it; B then writes. B's write must not recreate the session, and B's answer
+    expires the cookie rather than hand the logged-out id back to the browser."""
+    start, first = request(SessionMiddleware(raw_app, store=store, secret=SECRET), "/set/user/dan")
+    cookie = cookie_value(start)
+
+    async def slow_b(scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        session: Session = scope["session"]
+        assert session["user"] == "dan"
+        await store.delete(session.sid)  # the logout lands meanwhile
+        session["last_page"] = "/report"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": json.dumps({"sid": session.sid}).encode()})
+
+    b = SessionMiddleware(slow_b, store=store, secret=SECRET)  # a worker that never saw this cookie
+    start, body = request(b, "/", cookie=cookie)
+    assert run(store.load, first["sid"]) is None, "not recreated"
+    assert body == {"sid": None}
+    (expired,) = set_cookies(start)
+    assert "Max-Age=0" in expired and cookie not in expired
+
+
+def test_a_store_written_before_apply_took_a_lifetime_still_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SessionStore.apply gained ``lifetime``: a store of one's own with the old signature
+    gets the new sessions at its full lifetime, as before, instead of a TypeError."""
+
+    class OldStore(MemoryStore):
+        async def apply(self, sid: str, changed: Dict[str, Any], deleted: Any) -> Dict[str, Any]:  # type: ignore[override]
+            return await super().apply(sid, changed, deleted)
+
+    clock = [1_000_000.0]
+    monkeypatch.setattr(sessions, "_now", lambda: clock[0])
+    store = OldStore(max_age_seconds=86400)
+    start, body = request(SessionMiddleware(raw_app, store=store, secret=SECRET), "/set/k/v")
+    clock[0] += 7200  # past NEW_SESSION_SECONDS: the old store gave it its full day
+    assert run(store.load, body["sid"]) == {"k": "v"}
 
 
 def test_lifespan_passes_through() -> None:
@@ -784,6 +832,7 @@ def test_websocket_existing_session_and_reload() -> None:
     async def ws_app(scope: Dict[str, Any], receive: Any, send: Any) -> None:
         session: Session = scope["session"]
         await receive()
+        session.get("n")  # in use before the accept (the htag engine's websocket uses its id)
         await send({"type": "websocket.accept"})
         seen.append(dict(session))
         await receive()  # meanwhile, another process changes the session

@@ -491,6 +491,11 @@ def test_the_worker_side_warnings_reach_stderr_until_the_app_sets_up_logging(mon
     monkeypatch.setattr(logging.getLogger(), "handlers", [])
     monkeypatch.setattr(sys, "stderr", None)
     log.warning("no stderr at all: dropped, no exception")
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.setattr(sys, "stderr", closed)
+    monkeypatch.setattr(logging, "raiseExceptions", True)
+    log.warning("a closed stderr: dropped, no exception")  # (a request must not fail over a log line)
 
 
 @pytest.mark.parametrize(
