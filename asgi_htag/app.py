@@ -225,7 +225,9 @@ class Engine:
                 f"session_cookie takes {', '.join(sorted(_COOKIE_OPTIONS))}; not {', '.join(sorted(unknown))}"
             )
         # the middleware checks the values: now, not at the first request
-        SessionMiddleware(_send_nothing, store=MemoryStore(), secret=b"x" * 32, **self.session_cookie)
+        checked = SessionMiddleware(_send_nothing, store=MemoryStore(), secret=b"x" * 32, **self.session_cookie)
+        # (a host app's own SessionMiddleware may refresh more often: 5 minutes at most)
+        self.cookie_keepalive = min(300.0, checked.refresh_seconds)
         self.state_dir = Path(state_dir).absolute() if state_dir else default_state_dir()
         self.runtime_dir = Path(runtime_dir).absolute() if runtime_dir else default_runtime_dir(self.state_dir)
         self._secret_arg = secret
@@ -387,6 +389,9 @@ class Engine:
                 "post": f"{root}/_htag/{app_id}/interact",
                 "token": info["token"],
                 "parano": opts.parano,
+                # a page that clicks over its websocket gets no HTTP response: it asks for
+                # one this often while in use, so that the cookie's Max-Age slides
+                "keepalive": self.cookie_keepalive,
             }
             page = reply["html"].replace(_CFG_PLACEHOLDER, _script_json(cfg), 1)
             logger.info(

@@ -383,3 +383,20 @@ def test_a_page_left_unused_past_timeout_inactivity_says_so_and_waits_for_a_relo
     page.wait_for_function(f"() => document.querySelector('[data-test=pid]') && document.querySelector('[data-test=pid]').textContent !== '{pid}'")
     page.click(sel("inc"))
     page.wait_for_selector(f"{sel('value')}:text-is('1')")
+
+
+def test_a_page_that_clicks_over_its_websocket_keeps_its_session_cookie_alive(make_server, page):
+    """The cookie's Max-Age (3 s here) is renewed by HTTP responses; a page that only
+    clicks over its websocket asks for one now and then (every second here), so a person
+    using one page for longer than Max-Age keeps their session."""
+    import json
+
+    srv = make_server(env={"TEST_SESSION_COOKIE": json.dumps({"max_age_seconds": 3})})
+    page.goto(srv.url + "/set?v=kept")
+    page.goto(srv.url + "/")
+    for i in range(1, 7):  # 6 s of clicks, nothing but the websocket's
+        page.wait_for_timeout(1000)
+        page.click(sel("inc"))
+        page.wait_for_selector(f"{sel('value')}:text-is('{i}')")
+    page.goto(srv.url + "/get")
+    assert "from_route" in page.content(), "the same session"

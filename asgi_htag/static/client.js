@@ -247,6 +247,7 @@ var __asgi_htag = (function () {
 
   window.interact = function (o) {
     if (finished) return;
+    if (cfg.mode !== "http") keepAlive();  // (each POST of an http_only page renews it)
     if (cfg.parano) {
       return inOrder(async function () {
         var m = await seal(o);
@@ -262,6 +263,18 @@ var __asgi_htag = (function () {
     var m = JSON.stringify(o);
     if (ws && ws.readyState === 1) ws.send(m); else queue.push(m);
   };
+
+  // The session cookie's Max-Age is renewed by HTTP responses, and a page that clicks over
+  // its websocket makes none: while it is in use, it asks for one now and then.
+  var keptAt = Date.now();
+  function keepAlive() {
+    if (!cfg.keepalive || Date.now() - keptAt < cfg.keepalive * 1000) return;
+    keptAt = Date.now();
+    window.fetch(cfg.post + "?t=" + encodeURIComponent(cfg.token), {
+      method: "POST", credentials: "same-origin",
+      headers: {"content-type": "application/json"}, body: JSON.stringify({contact: 1})
+    }).catch(function () {});  // the websocket says it if the server is gone
+  }
 
   if (cfg.mode === "http") {
     if (cfg.parano) {
