@@ -9,24 +9,30 @@ same format, until the application configures logging itself.
 """
 import logging
 import sys
+from typing import Optional
 
 _FORMAT = "%(asctime)s asgi_htag[%(process)d] %(levelname)s %(name)s: %(message)s"
 
 
 class FallbackHandler(logging.Handler):
-    """WARNING and above to the current ``sys.stderr``, unless the root logger or the
-    ``asgi_htag`` logger has a handler of its own (then that one decides, and nothing is
-    written twice)."""
+    """WARNING and above to the current ``sys.stderr``, unless another handler is on the
+    record's way up (its logger's, ``asgi_htag``'s or the root logger's): then that one
+    decides, and nothing is written twice."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.setFormatter(logging.Formatter(_FORMAT))
 
     def emit(self, record: logging.LogRecord) -> None:
-        if logging.getLogger().handlers:
-            return
-        if any(h is not self for h in logging.getLogger("asgi_htag").handlers):
-            return
+        # any other handler on the record's way up (its own logger, asgi_htag's, root's)
+        # means the application set logging up: it decides, nothing is written twice
+        logger: Optional[logging.Logger] = logging.getLogger(record.name)
+        while logger is not None:
+            if any(h is not self for h in logger.handlers):
+                return
+            if not logger.propagate:
+                break
+            logger = logger.parent
         try:
             stream = sys.stderr
             if stream is None:  # pythonw, or a daemon that closed it

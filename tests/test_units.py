@@ -477,11 +477,13 @@ def test_the_worker_side_warnings_reach_stderr_until_the_app_sets_up_logging(mon
     assert "ERROR asgi_htag.app: a line" in lines[1] and len(lines) == 3, lines
 
     own = logging.StreamHandler(io.StringIO())
-    logging.getLogger("asgi_htag").addHandler(own)
-    try:
-        log.warning("handled by the app's own handler")
-    finally:
-        logging.getLogger("asgi_htag").removeHandler(own)
+    for name in ("asgi_htag", "asgi_htag.app"):  # a handler of the app's, at either level
+        logging.getLogger(name).addHandler(own)
+        try:
+            log.warning("handled by the app's own handler")
+        finally:
+            logging.getLogger(name).removeHandler(own)
+    assert own.stream.getvalue().count("handled by the app's own handler") == 2
     root = logging.StreamHandler(io.StringIO())
     monkeypatch.setattr(logging.getLogger(), "handlers", [root])
     log.warning("handled through the root logger")
