@@ -716,10 +716,11 @@ async def _send_nothing(scope: Scope, receive: Receive, send: Send) -> None:
 _BACKSTOP_SECONDS = 2.0
 _TOUCH_SECONDS = 1.0  # how often clicks over a websocket refresh their session's expiry
 _GONE = {"asgi_htag": "gone", "message": "This page's instance no longer exists; reloading..."}
-# its process ended after timeout_inactivity while the page stayed open: the page does not
-# reload by itself (a tab left open would otherwise start a process every timeout_inactivity)
+# its process ended after timeout_inactivity while the page stayed open: the page says so
+# and waits for a reload, as when its process stopped otherwise ("dead"); reloading by
+# itself, a tab left open would start a process every timeout_inactivity
 _IDLE = {
-    "asgi_htag": "gone",
+    "asgi_htag": "dead",
     "reason": "inactivity",
     "message": "This page was left unused for a while, and its application has stopped.",
 }

@@ -578,7 +578,8 @@ def test_inactivity_timeout_ends_the_process(server, new_client):
     with page.ws() as ws:
         # nothing is sent: after 1 s without interaction the process says bye
         msg = recv_json(ws, timeout=30)
-    assert msg["asgi_htag"] == "gone" and msg["reason"] == "inactivity", msg  # the page does not reload by itself
+    # "dead", not "gone": the page says so and waits for a reload rather than reload by itself
+    assert msg["asgi_htag"] == "dead" and msg["reason"] == "inactivity", msg
     assert Page(c, "/inactive").texts["pid"] != page.texts["pid"], "a reload builds a new instance"
 
 
@@ -590,7 +591,7 @@ def test_an_interaction_longer_than_the_inactivity_timeout_finishes_and_the_time
         assert texts_of(click(ws, page, "sleep"))["done"] == "1", "the process stayed for the whole interaction"
         answered = time.monotonic()
         msg = recv_json(ws, timeout=30)
-        assert msg["asgi_htag"] == "gone"
+        assert msg["asgi_htag"] == "dead"
         assert time.monotonic() - answered >= 0.9, "it went only after a second without interaction (a lower bound)"
 
 
@@ -608,7 +609,7 @@ def test_interactions_push_the_inactivity_deadline_back(server, new_client):
             time.sleep(0.25)
         assert values == [str(i) for i in range(1, 13)]
         msg = recv_json(ws, timeout=30)
-    assert msg["asgi_htag"] == "gone"
+    assert msg["asgi_htag"] == "dead"
 
 
 def test_a_render_while_the_process_is_leaving_gets_a_fresh_process(server, new_client):
@@ -775,7 +776,7 @@ def test_pushes_do_not_count_as_activity(server, new_client):
             if msg.get("asgi_htag"):
                 break
             pushes += 1
-    assert msg["asgi_htag"] == "gone", "the process exits although it keeps pushing"
+    assert msg["asgi_htag"] == "dead" and msg["reason"] == "inactivity", "the process exits although it keeps pushing"
     assert pushes >= 3
 
 

@@ -101,13 +101,7 @@ var __asgi_htag = (function () {
   function control(o, from) {
     if (!o || typeof o !== "object" || !o.hasOwnProperty("asgi_htag")) return false;
     var kind = o.asgi_htag;
-    if (kind === "gone" && o.reason === "inactivity") {
-      // it stopped while this page sat unused: a reload is the person's to make (reloading
-      // by itself, an open tab would start an instance every timeout_inactivity)
-      finished = true;
-      notice(o.message || "This page was left unused for a while.", true);
-      if (ws) try { ws.close(); } catch (e) {}
-    } else if (kind === "gone") {
+    if (kind === "gone") {
       // our instance no longer exists: get a fresh one instead of talking to a ghost,
       // unless reloading does not help (cookies blocked...): then say so and stop
       finished = true;
@@ -228,13 +222,15 @@ var __asgi_htag = (function () {
     unreachable = true;
     notice("Cannot reach the server.", true);
   }
+  function send(body) {
+    return window.fetch(cfg.post + "?t=" + encodeURIComponent(cfg.token), {
+      method: "POST", credentials: "same-origin", headers: {"content-type": "application/json"}, body: body
+    });
+  }
   async function post(o, raw, channel) {
     var r, text, obj;
     try {
-      r = await window.fetch(cfg.post + "?t=" + encodeURIComponent(cfg.token), {
-        method: "POST", credentials: "same-origin",
-        headers: {"content-type": "application/json"}, body: raw || JSON.stringify(o)
-      });
+      r = await send(raw || JSON.stringify(o));
       text = await r.text();
     } catch (e) {
       cannotReach();
@@ -270,10 +266,7 @@ var __asgi_htag = (function () {
   function keepAlive() {
     if (!cfg.keepalive || Date.now() - keptAt < cfg.keepalive * 1000) return;
     keptAt = Date.now();
-    window.fetch(cfg.post + "?t=" + encodeURIComponent(cfg.token), {
-      method: "POST", credentials: "same-origin",
-      headers: {"content-type": "application/json"}, body: JSON.stringify({contact: 1})
-    }).catch(function () {});  // the websocket says it if the server is gone
+    send(JSON.stringify({contact: 1})).catch(function () {});  // the websocket says it if the server is gone
   }
 
   if (cfg.mode === "http") {
