@@ -556,6 +556,34 @@ def test_a_hello_with_settings_out_of_range_is_ignored_and_a_raised_limit_frees_
     assert "max_processes 1 -> 5" in err
 
 
+def test_a_replacement_refused_at_max_processes_leaves_the_process_it_would_replace(runtime):
+    """New query params rebuild a session's instance; on a host over its limit (lowered by
+    a worker's hello here) the rebuild is refused, and the instance the page has lives on
+    (it used to be killed first, then the replacement refused)."""
+    from asgi_htag.exceptions import PoolFull
+    from asgi_htag.process import wire as _wire
+
+    async def scenario(pool):
+        a = await pool.spawn("1" * 20, "tests.apps:Query", [["x"], {}], {}, OPTS)
+        await pool.spawn("2" * 20, "tests.apps:Counter", [[], {}], {}, OPTS)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(runtime / "zygote.s"))
+            s.sendall(_wire.encode({"op": "hello", "settings": {"max_processes": 1}}))
+            s.recv(65536)
+        with pytest.raises(PoolFull):
+            await pool.spawn("1" * 20, "tests.apps:Query", [["y"], {}], {}, OPTS)
+        conn = await pool.connect("1" * 20)
+        try:
+            reply = await conn.request({"t": "render", "token": a["token"], "session": {}})
+        finally:
+            await conn.aclose()
+        return a, (await pool.stats())["pids"], reply
+
+    a, pids, reply = run(scenario, runtime, max_processes=3)
+    assert a["pid"] in pids and reply["t"] == "html", "the instance the page has still answers"
+
+
 def test_the_fork_server_skips_a_stale_event_and_answers_parked_spawns_when_it_stops(runtime):
     import selectors as _selectors
 

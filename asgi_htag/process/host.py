@@ -238,7 +238,7 @@ class AppHost:
         write to an open file: no mapping, whose page would count in each process's memory)."""
         try:
             self.busy = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.pwrite(self.busy, _NOT_BUSY + (wire.CONTACTED if self.contacted else b"\x00") + _NEVER_RENDERED, 0)
+            os.pwrite(self.busy, _FRESH_MARK, 0)  # not busy, no contact yet, never rendered
         except OSError as exc:  # the watchdog then falls back on its deadline alone
             logger.warning("process %s: no busy mark at %s: %s", os.getpid(), path, exc)
 
@@ -621,7 +621,7 @@ class _Peer(wire.FlowProtocol):
 
 
 _NOT_BUSY = wire.BUSY.pack(0.0)
-_NEVER_RENDERED = wire.RENDERED.pack(0.0)
+_FRESH_MARK = _NOT_BUSY + b"\x00" + wire.RENDERED.pack(0.0)
 _APP_FAILED = "the application failed; the server's log has the details"
 _MAX_NAME = 256
 

@@ -478,6 +478,8 @@ class Zygote:
         if len(self.by_ready_fd) >= self.max_starting:
             self.queued.append((conn, msg))
             return
+        # every process not yet ended counts, those told to go (a dropped session's, busy in an
+        # interaction, may take until its timeout) included; not the one this would replace
         if len(self.by_pidfd) - (existing is not None) >= self.max_processes:
             # processes told to go (no longer in self.children) free their places within
             # moments, unless an interaction keeps them busy: wait for one, not refuse
@@ -489,18 +491,15 @@ class Zygote:
                 leaving = 1
             if leaving > 0 and now < until:
                 self.parked.append((conn, msg, until))
-                return
+            else:
+                # refused before the process it would replace is touched: that one lives on
+                self._reply(conn, _full_reply(self.max_processes))
+            return
         waiters: List[socket.socket] = []
         if existing is not None:
             waiters = existing.waiters
             existing.waiters = []
             self._kill(existing, signal.SIGKILL)
-        # every process not yet ended counts, those told to go (a dropped session's, busy in an
-        # interaction, may take until its timeout) included; not the one just replaced
-        if len(self.by_pidfd) - (existing is not None) >= self.max_processes:
-            for w in [conn] + waiters:
-                self._reply(w, _full_reply(self.max_processes))
-            return
         ref = str(msg.get("app"))
         if self.forker is None or ref in self.apps:
             # Loaded here first, so that the forker (forked from us) has it: import errors
