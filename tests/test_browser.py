@@ -196,6 +196,7 @@ def test_page_survives_a_server_restart(make_server, page):
     # the same server comes back (same port, same state): the page reconnects by itself,
     # learns its instance is gone and reloads into a fresh one
     again = Server(srv.target, env={"TEST_ZYGOTE_GRACE": "1"})
+    again.tmp.rmdir()  # its own, still empty: it takes the first server's instead
     again.port, again.tmp = srv.port, srv.tmp
     again.state_dir, again.runtime_dir = srv.state_dir, srv.runtime_dir
     again.env.update({"ASGI_HTAG_STATE_DIR": str(srv.state_dir), "ASGI_HTAG_RUNTIME_DIR": str(srv.runtime_dir)})

@@ -2,6 +2,7 @@
 what they do next: edit the app and see new sessions run the new code."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,6 +70,7 @@ def script_server(tmp_path):
     leftovers = pids_in_runtime(short / "run")
     for pid in leftovers:
         os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(short, ignore_errors=True)
     assert not leftovers, "Ctrl-C on the script left processes behind"
 
 
