@@ -120,6 +120,14 @@ class Crashy(Tag.body):
         self.n.clear(str(int(self.n.childs[0]) + 1))
 
 
+class BadInit(Tag.body):
+    """Its constructor raises with the query string's value in the message, as
+    ``int(age)`` does: htag would show that text as markup."""
+
+    def init(self, age="1"):
+        self <= Tag.span(str(int(age)), _data_test="age")
+
+
 class SlowInit(Tag.body):
     """Its creation blocks far longer than timeout_interaction."""
 

@@ -524,6 +524,31 @@ def test_an_app_too_slow_to_create_gets_a_clear_504_and_leaves_no_process(server
     assert Page(c, "/").status == 200, "the same session carries on with other apps"
 
 
+def test_an_app_whose_constructor_raises_gets_a_500_that_shows_no_markup_from_the_url(server, new_client):
+    # htag would answer with its own page, "init error : <the exception's text>", unescaped:
+    # int() puts the query string's value in its message, so a link could inject markup
+    c = new_client()
+    before = set(c.get("/_stats").json()["pids"])
+    hostile = "<img src=x onerror=alert(1)>"
+    r = c.get("/bad-init", params={"age": hostile})
+    assert r.status_code == 500 and "The application could not start." in r.text
+    assert "<img" not in r.text and "onerror" not in r.text and "init error" not in r.text
+    debug = c.get("/bad-init-debug", params={"age": hostile})
+    assert debug.status_code == 500
+    assert "<img" not in debug.text and "invalid literal for int()" in debug.text
+    assert "&lt;img src=x onerror=alert(1)&gt;" in debug.text, "debug shows the app's error, escaped"
+    assert "Traceback" not in debug.text, "the app's error, not asgi_htag's own frames"
+    # the crashed processes report, then exit: bounded wait for the fork server to see them go
+    for _ in range(100):
+        left = set(c.get("/_stats").json()["pids"]) - before
+        if not left:
+            break
+        time.sleep(0.1)
+    assert not left, "no process is left for either"
+    ok = Page(c, "/bad-init?age=41")
+    assert ok.status == 200 and ok.texts["age"] == "41"
+
+
 def test_a_page_render_stuck_past_the_interaction_timeout_ends_its_process_and_a_fresh_one_answers(server, new_client):
     c = new_client()
     first = Page(c, "/slow-render")  # timeout_interaction=1; its render() blocks from the second one on

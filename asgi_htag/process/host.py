@@ -219,6 +219,12 @@ class AppHost:
             )
         finally:
             self._disarm_alarm()
+        if not isinstance(self.hr.tag, tag_class):
+            # htag caught the app's exception (and logged it) and made a page of its own,
+            # ``init error : <its text>``, unescaped: a query string a link sets would put
+            # markup in the site's pages. The process does not start; the worker shows its
+            # own page, with the text escaped and only under debug.
+            raise AppInitError(_cut(_init_error_text(self.hr.tag), 2000))
         self.hr.sendactions = self._sendactions
 
     # --- timers -------------------------------------------------------------------------
@@ -568,6 +574,17 @@ class AppHost:
             logger.exception("process %s: error while handling %r", os.getpid(), t)
             msg = traceback.format_exc() if self.debug else f"{_APP_FAILED} ({type(exc).__name__})"
             return _page_error(msg)
+
+
+class AppInitError(Exception):
+    """The app's constructor raised: its text (htag logged the traceback)."""
+
+
+def _init_error_text(tag: Any) -> str:
+    """The text of htag's stand-in page for an app whose constructor raised."""
+    text = "".join(c for c in getattr(tag, "childs", ()) if isinstance(c, str))
+    prefix = "init error : "
+    return "the app's constructor raised: " + (text[len(prefix):] if text.startswith(prefix) else text)
 
 
 class _Peer(wire.FlowProtocol):

@@ -1154,9 +1154,13 @@ def _forker_main(sock: socket.socket, client_js: str, apps: Dict[str, type], mai
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, chld)
                 _child_main(json.loads(raw_spec or b"null"), cls, client_js, ready_w)
                 code = 0
-            except BaseException:
+            except BaseException as exc:
                 try:
-                    err = {"ok": False, "error": "crash", "message": traceback.format_exc(limit=20)}
+                    from .host import AppInitError
+
+                    # the app's own failure: its text (htag logged its traceback), not ours
+                    text = str(exc) if isinstance(exc, AppInitError) else traceback.format_exc(limit=20)
+                    err = {"ok": False, "error": "crash", "message": text}
                     os.write(ready_w, (json.dumps(err) + "\n").encode())
                 except OSError:
                     pass

@@ -92,6 +92,8 @@ PAGES = {
     "/slow": page_of(apps.Slow, timeout_interaction=1),
     "/stuck": page_of(apps.Stuck, timeout_interaction=1),
     "/slow-init": page_of(apps.SlowInit, timeout_interaction=1),
+    "/bad-init": page_of(apps.BadInit),
+    "/bad-init-debug": page_of(apps.BadInit, debug=True),
     "/slow-render": page_of(apps.SlowRender, timeout_interaction=1),
     "/crashy": page_of(apps.Crashy),
     "/crashy-http": page_of(apps.Crashy, http_only=True),
