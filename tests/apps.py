@@ -2,6 +2,7 @@
 import asyncio
 import os
 import time
+import weakref
 
 from htag import Tag
 
@@ -118,6 +119,39 @@ class Crashy(Tag.body):
 
     def ok(self):
         self.n.clear(str(int(self.n.childs[0]) + 1))
+
+
+class _Row(Tag.div):
+    made = 0
+    freed = 0
+
+    def init(self, text):
+        self <= text
+        _Row.made += 1
+        weakref.finalize(self, _Row._freed)
+
+    @staticmethod
+    def _freed():
+        _Row.freed += 1
+
+
+class Replacer(Tag.body):
+    """Each click replaces its 20 rows (with their parent/child cycles, after they have
+    lived through a click) and shows how many rows this process still holds."""
+
+    def init(self):
+        self.alive = Tag.span("0", _data_test="alive")
+        self <= Tag.button("replace", _onclick=self.bind.replace(), _data_test="replace")
+        self <= self.alive
+        self.rows = Tag.div()
+        self <= self.rows
+        self.replace()
+
+    def replace(self):
+        self.rows.clear()
+        for i in range(20):
+            self.rows <= _Row(str(i))
+        self.alive.clear(str(_Row.made - _Row.freed))
 
 
 class BadInit(Tag.body):

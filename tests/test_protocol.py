@@ -524,6 +524,16 @@ def test_an_app_too_slow_to_create_gets_a_clear_504_and_leaves_no_process(server
     assert Page(c, "/").status == 200, "the same session carries on with other apps"
 
 
+def test_tags_an_app_drops_are_freed_in_a_long_running_process(server, new_client):
+    # each click replaces 20 rows: without full collections in the session process, every
+    # row would stay (400 clicks: 8,000 of them), and its memory with it
+    page = Page(new_client(), "/replacer")
+    with page.ws() as ws:
+        counts = [int(texts_of(click(ws, page, "replace"))["alive"]) for _ in range(400)]
+    assert max(counts[-50:]) < 1000, counts[-50:]
+    assert min(counts[-50:]) >= 20  # the rows on the page
+
+
 def test_an_app_whose_constructor_raises_gets_a_500_that_shows_no_markup_from_the_url(server, new_client):
     # htag would answer with its own page, "init error : <the exception's text>", unescaped:
     # int() puts the query string's value in its message, so a link could inject markup

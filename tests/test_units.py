@@ -434,6 +434,69 @@ def test_session_process_frees_an_interactions_reference_cycles_after_answering(
         gc.set_threshold(*thresholds)
 
 
+class _Replacer(Tag.div):
+    """Each click replaces its rows: the old ones, with their parent/child cycles, have
+    lived through a click (so sit in the oldest generation) when they are dropped."""
+
+    def init(self) -> None:
+        self <= Tag.button("r", _onclick=self.bind.replace())
+        self.rows = Tag.div()
+        self <= self.rows
+        self.replace()
+
+    def replace(self) -> None:
+        self.rows.clear()
+        for i in range(20):
+            self.rows <= Tag.div(Tag.span(str(i)))
+
+
+def test_session_process_runs_full_collections_so_dropped_tags_do_not_pile_up(tmp_path):
+    """The young-generation collection after each answer resets the counters that would
+    start CPython's full collections: the process runs them itself, or every tag an app
+    drops after one click stays for the life of the process."""
+    import gc
+    import weakref
+
+    from asgi_htag.process import host
+
+    async def main() -> tuple:
+        host.install_offer_recorder()
+        spec = {"key": "k", "token": "t", "opts": {}, "init": [[], {}], "session": {}}
+        app = host.AppHost(spec, _Replacer, "")
+        path = str(tmp_path / "r.s")
+        server = await asyncio.get_running_loop().create_unix_server(lambda: host._Peer(app), path=path)
+        reader, writer = await asyncio.open_unix_connection(path)
+
+        async def exchange(obj: dict, raw: bytes = None) -> dict:
+            writer.write(wire.encode(obj, raw=raw))
+            header = await reader.readexactly(wire.HEADER_SIZE)
+            return wire.split_payload(await reader.readexactly(wire.decode_length(header)))[0]
+
+        await exchange({"t": "render", "token": "t"})
+        first = [weakref.ref(row) for row in app.hr.tag.rows.childs]
+        click = json.dumps({"id": id(app.hr.tag), "method": "replace", "args": [], "kargs": {}, "event": {}}).encode()
+        for _ in range(300):
+            assert (await exchange({"t": "interact", "token": "t"}, click))["t"] == "actions"
+        await exchange({"t": "ping", "token": "t"})
+        alive = sum(w() is not None for w in first)
+        writer.close()
+        server.close()
+        host._offered.clear()
+        return alive, getattr(getattr(app, "collector", None), "full_collections", None)
+
+    thresholds = gc.get_threshold()
+    gc.collect()
+    gc.freeze()  # as in a session process: what it inherited is not its to collect
+    gc.set_threshold(100_000, thresholds[1], thresholds[2])  # CPython's own turn never comes
+    try:
+        alive, full = asyncio.run(main())
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
+    assert alive == 0, "the rows dropped by the second click were freed"
+    assert 0 < full < 300
+
+
 def test_forker_fills_its_half_used_pools_before_forking():
     """The forker takes the free blocks of its half-used pymalloc pools, so that a child's
     new objects do not land in (and copy) pages shared with it."""

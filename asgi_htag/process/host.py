@@ -203,6 +203,7 @@ class AppHost:
         self._inactivity_handle: Optional[asyncio.TimerHandle] = None
         self._last_touch = 0.0
         self._bye_reason = "exit"
+        self.collector = Collector()
 
         args, kargs = spec["init"]
         statics = [Tag.script(_DEBUG_STATICS_JS)] if self.debug else []
@@ -457,10 +458,7 @@ class AppHost:
                         data = wire.encode(reply, self.max_frame_bytes, raw=out)
                     peer.write(data)
                     if gc.isenabled():
-                        # htag leaves reference cycles behind every interaction (its Stater):
-                        # freed now, once the answer is on its way, their memory is reused by
-                        # the next click instead of piling up until the collector's turn
-                        gc.collect(1)
+                        self.collector.after_answer()
                     await peer.drain()
         except (ConnectionError, OSError):
             return
@@ -574,6 +572,45 @@ class AppHost:
             logger.exception("process %s: error while handling %r", os.getpid(), t)
             msg = traceback.format_exc() if self.debug else f"{_APP_FAILED} ({type(exc).__name__})"
             return _page_error(msg)
+
+
+class Collector:
+    """The garbage collection a session process runs after each answer.
+
+    htag leaves reference cycles behind every interaction (its Stater): a young-generation
+    collection right after the answer is on its way frees them, and the next click reuses
+    their memory instead of piling it up until the collector's turn. But that collection
+    also resets the counts that start CPython's own collections, so a click that allocates
+    fewer objects than the first threshold (700) would never get to a full one, and what an
+    app drops after it has lived through a click (the rows it replaces, with their cycles)
+    would stay for the life of the process. So the full collection is run here, by CPython's
+    own rule: once the oldest generation's count passes its threshold (10 young collections)
+    and the objects moved into it since the last full collection exceed a quarter of those
+    it held then (estimated from the young generation's count before each collection, less
+    what that collection freed).
+    """
+
+    __slots__ = ("pending", "total", "full_collections")
+
+    def __init__(self) -> None:
+        self.pending = 0  # objects moved to the oldest generation since the last full collection (estimate)
+        self.total = -1  # objects in the oldest generation after the last full collection (-1: not counted yet)
+        self.full_collections = 0
+
+    def after_answer(self) -> None:
+        young = gc.get_count()[0]
+        found = gc.collect(1)
+        if young > found:
+            self.pending += young - found
+        if gc.get_count()[2] <= gc.get_threshold()[2]:
+            return
+        if self.total < 0:
+            self.total = len(gc.get_objects(2))
+        if self.pending > self.total // 4:
+            gc.collect()
+            self.full_collections += 1
+            self.total = len(gc.get_objects(2))
+            self.pending = 0
 
 
 class AppInitError(Exception):
@@ -737,4 +774,4 @@ async def warm_up(tag_class: type, sock_path: str, clicks: int = 64) -> None:
             pass  # Python 3.13+ removes a Unix server's socket file on close
 
 
-__all__ = ("AppHost", "SyncedSession", "serve", "warm_up", "install_offer_recorder")
+__all__ = ("AppHost", "Collector", "SyncedSession", "serve", "warm_up", "install_offer_recorder")

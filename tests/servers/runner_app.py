@@ -93,6 +93,7 @@ PAGES = {
     "/stuck": page_of(apps.Stuck, timeout_interaction=1),
     "/slow-init": page_of(apps.SlowInit, timeout_interaction=1),
     "/bad-init": page_of(apps.BadInit),
+    "/replacer": page_of(apps.Replacer),
     "/bad-init-debug": page_of(apps.BadInit, debug=True),
     "/slow-render": page_of(apps.SlowRender, timeout_interaction=1),
     "/crashy": page_of(apps.Crashy),
