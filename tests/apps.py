@@ -154,6 +154,44 @@ class Replacer(Tag.body):
         self.alive.clear(str(_Row.made - _Row.freed))
 
 
+class _OwnedRow(Tag.div):
+    def init(self, app, owner, n, deletable):
+        self.app, self.owner, self.n = app, owner, n
+        self <= f"{owner}:{n}"
+        if deletable:  # only the user's own rows get a delete button
+            self <= Tag.button("del", _onclick=self.bind.delete(), _data_test=f"del-{n}")
+
+    def delete(self):
+        self.app.deleted.add(Tag.li(f"{self.owner}:{self.n}"))
+
+
+class Rows(Tag.body):
+    """The user's rows (with delete buttons) or someone else's (without); the rows taken
+    off the page are kept (an app caching them), so they stay alive, detached."""
+
+    def init(self):
+        self.kept = []
+        self.listing = Tag.div()
+        self.deleted = Tag.ul(_data_test="deleted")
+        self <= Tag.button("mine", _onclick=self.bind.mine(), _data_test="mine")
+        self <= Tag.button("others", _onclick=self.bind.others(), _data_test="others")
+        self <= self.listing
+        self <= self.deleted
+        self.mine()
+
+    def _show(self, owner, deletable):
+        self.kept.extend(self.listing.childs)
+        self.listing.clear()
+        for n in range(3):
+            self.listing <= _OwnedRow(self, owner, n, deletable)
+
+    def mine(self):
+        self._show("me", True)
+
+    def others(self):
+        self._show("bob", False)
+
+
 class BadInit(Tag.body):
     """Its constructor raises with the query string's value in the message, as
     ``int(age)`` does: htag would show that text as markup."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.client import Page, recv_json, texts_of
+from tests.client import Page, parse, recv_json, texts_of
 from tests.conftest import pids_in_runtime
 
 pytestmark = pytest.mark.server
@@ -354,6 +354,26 @@ def test_hostile_frames_get_errors_and_nothing_breaks(server, new_client):
         assert texts_of(click(ws, page, "inc"))["value"] == "1", "the same connection keeps working"
     with other.ws() as ws:
         assert texts_of(click(ws, other, "inc"))["value"] == "1", "other users are unaffected"
+
+
+def test_an_element_taken_off_the_page_can_no_longer_be_called(server, new_client):
+    # the page showed "delete" on the user's own rows; they were replaced by rows without
+    # it, and the app keeps the old ones (alive, detached): an old offer must not run
+    c = new_client()
+    page = Page(c, "/rows")
+    old_delete = page.call("del-0")
+    with page.ws() as ws:
+        shown = click(ws, page, "others")
+        assert not any("del-0" in parse(f).calls for f in shown["update"].values())
+        reply = click_raw(ws, old_delete)
+        assert "refused" in reply["err"] and "no longer on the page" in reply["err"], reply
+        click(ws, page, "mine")  # the user's rows again: new ones, with new offers
+    again = Page(c, "/rows")  # the same instance, rendered anew
+    assert again.texts["deleted"] == "", "the refused delete did not run"
+    assert again.call("del-0")["id"] != old_delete["id"]
+    with again.ws() as ws:
+        click(ws, again, "del-0")
+    assert Page(c, "/rows").texts["deleted"] == "me:0", "the rows on the page can be deleted"
 
 
 def click_raw(ws, payload: dict) -> dict:

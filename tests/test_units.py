@@ -497,6 +497,68 @@ def test_session_process_runs_full_collections_so_dropped_tags_do_not_pile_up(tm
     assert 0 < full < 300
 
 
+class _Deletable(Tag.div):
+    # instances larger than pymalloc's 512 bytes come from malloc, whose cache of freed
+    # chunks of one size hands the last one back first: the test below needs that reuse
+    __slots__ = tuple(f"_pad{i}" for i in range(64))
+    deleted: list = []
+
+    def __init__(self, *args, **kargs) -> None:
+        for name in self.__slots__:  # set: htag reads every attribute it lists
+            object.__setattr__(self, name, None)
+        super().__init__(*args, **kargs)
+
+    def init(self, name: str, offered: bool) -> None:
+        self.name = name
+        if offered:
+            self <= Tag.button("del", _onclick=self.bind.delete())
+
+    def delete(self) -> None:
+        _Deletable.deleted.append(self.name)
+
+
+class _Listing(Tag.div):
+    def init(self) -> None:
+        self.box = Tag.div()
+        self <= self.box
+        self.box <= _Deletable("mine", True)
+
+
+def test_an_offer_does_not_pass_to_a_new_element_at_the_freed_ones_address():
+    """The page sends ids (addresses); once an offered element is freed, CPython may put a
+    new one, never offered that method, at the same address."""
+    import gc
+
+    from asgi_htag.process import host
+
+    async def main() -> tuple:
+        host.install_offer_recorder()
+        spec = {"key": "k", "token": "t", "opts": {}, "init": [[], {}], "session": {}}
+        app = host.AppHost(spec, _Listing, "")
+        await app.render({"t": "render", "token": "t"})
+        box = app.hr.tag.box
+        oid = id(box.childs[0])
+        box.clear()
+        gc.collect()
+        others = []
+        for i in range(10_000):  # until one lands where the offered one was (at once, in practice)
+            row = _Deletable(f"bob-{i}", False)
+            box <= row
+            others.append(row)
+            if id(row) == oid:
+                break
+        reused = others[-1] if id(others[-1]) == oid else None
+        actions, _ = await app.interact({"id": oid, "method": "delete", "args": [], "kargs": {}, "event": {}}, None)
+        host._offered.clear()
+        return reused is not None, actions
+
+    _Deletable.deleted = []
+    reused, actions = asyncio.run(main())
+    assert reused, "CPython reused the freed element's address (what the test needs)"
+    assert "refused" in actions.get("err", ""), actions
+    assert _Deletable.deleted == []
+
+
 def test_forker_fills_its_half_used_pools_before_forking():
     """The forker takes the free blocks of its half-used pymalloc pools, so that a child's
     new objects do not land in (and copy) pages shared with it."""

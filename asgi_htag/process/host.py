@@ -23,6 +23,7 @@ import signal
 import time
 import traceback
 import re
+import weakref
 from collections import OrderedDict, deque
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
@@ -35,9 +36,11 @@ _PAGE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _MAX_PAGE_KEYS = 32  # keys of pages not connected now (http_only, closed tabs), least recently used go first
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
-# (id(tag or generator), method name) pairs the page has been offered. One HRenderer per
-# process, so one set per process.
-_offered: Set[Tuple[int, Optional[str]]] = set()
+# tag or generator -> the method names the page has been offered on it. Keyed by the object
+# itself, weakly: an offer dies with its object, and a new object that CPython puts at the
+# same address (so with the same id, which is what the page sends) inherits nothing. One
+# HRenderer per process, so one table per process.
+_offered: "weakref.WeakKeyDictionary[Any, Set[Optional[str]]]" = weakref.WeakKeyDictionary()
 _patched = False
 
 
@@ -73,7 +76,13 @@ def install_offer_recorder() -> None:
     original = BaseCaller.__str__
 
     def recording_str(self: Any) -> str:
-        _offered.add((id(self.instance), self.mname))
+        try:
+            offers = _offered.get(self.instance)
+            if offers is None:
+                offers = _offered[self.instance] = set()
+            offers.add(self.mname)
+        except TypeError:  # an object that takes no weak reference (htag offers tags and generators)
+            pass
         return original(self)
 
     BaseCaller.__str__ = recording_str  # type: ignore[method-assign]
@@ -360,12 +369,22 @@ class AppHost:
         event = data.get("event")
         if event is not None and not isinstance(event, dict):
             return "interaction refused: 'event' must be an object"
-        if (oid, method) not in _offered:
+        from htag import Tag
+
+        target: Any = Tag.find_tag(oid)  # what htag's interact will call: a tag, else a generator
+        holder = target
+        if target is None:
+            running = self.hr._loop.get(oid) if isinstance(getattr(self.hr, "_loop", None), dict) else None
+            if isinstance(running, dict):
+                target, holder = running.get("gen"), running.get("tag")
+        if target is None or method not in _offered.get(target, ()):
             return f"interaction refused: the page offers no method {_shown(method)} on element {_shown(oid)}"
+        if isinstance(holder, Tag) and not _on_page(holder, self.hr.tag):
+            # removed from the page since it was offered (a row replaced, a button taken
+            # away): the page no longer shows it, so it is not the page's to call
+            return f"interaction refused: element {_shown(oid)} is no longer on the page"
         if method in ("__on__", "__on_event__"):
             args = data.get("args") or []
-            from htag import Tag
-
             obj = Tag.find_tag(oid)
             if obj is None or not args or not isinstance(args[0], str) or args[0] not in obj._callbacks_:
                 return "interaction refused: unknown callback"
@@ -611,6 +630,18 @@ class Collector:
             self.full_collections += 1
             self.total = len(gc.get_objects(2))
             self.pending = 0
+
+
+def _on_page(tag: Any, body: Any) -> bool:
+    """Whether ``tag`` is in the tree under ``body`` (htag unsets ``_parent`` when it
+    removes a child)."""
+    for _ in range(100_000):  # bounded: a parent chain an app made circular
+        if tag is body:
+            return True
+        tag = getattr(tag, "_parent", None)
+        if tag is None:
+            return False
+    return False
 
 
 class AppInitError(Exception):

@@ -94,6 +94,7 @@ PAGES = {
     "/slow-init": page_of(apps.SlowInit, timeout_interaction=1),
     "/bad-init": page_of(apps.BadInit),
     "/replacer": page_of(apps.Replacer),
+    "/rows": page_of(apps.Rows),
     "/bad-init-debug": page_of(apps.BadInit, debug=True),
     "/slow-render": page_of(apps.SlowRender, timeout_interaction=1),
     "/crashy": page_of(apps.Crashy),
