@@ -114,6 +114,42 @@ def test_parano_websocket_is_encrypted_end_to_end(server, new_client):
 
 
 @pytest.mark.server
+def test_a_page_whose_key_is_in_use_cannot_be_given_another(server, new_client):
+    page = Page(new_client(), "/parano")
+    side = PageSide(page.cfg["token"])
+    with page.ws() as ws:
+        ws.send(side.hello())
+        side.agree(recv_json(ws)["pub"])
+        ws.send(side.seal(page.call("inc")))
+        assert texts_of(side.open(recv_json(ws)))["value"] == "1"
+        # someone with the cookie and the token (not the page) tries to re-key that page id
+        intruder = PageSide(page.cfg["token"])
+        intruder.page_id = side.page_id
+        ws.send(intruder.hello())
+        assert recv_json(ws) == {"asgi_htag": "error", "message": "this page already has a key"}
+        ws.send(side.seal(page.call("inc")))
+        assert texts_of(side.open(recv_json(ws)))["value"] == "2", "the page's channel still works"
+
+
+@pytest.mark.server
+def test_a_page_may_agree_again_before_it_used_its_key(server, new_client):
+    # its socket closed before the hello's answer came: the page sends a new hello on the
+    # next socket, with the same page id
+    page = Page(new_client(), "/parano")
+    first = PageSide(page.cfg["token"])
+    with page.ws() as ws:
+        ws.send(first.hello())
+        recv_json(ws)  # the page never saw it
+    side = PageSide(page.cfg["token"])
+    side.page_id = first.page_id
+    with page.ws() as ws:
+        ws.send(side.hello())
+        side.agree(recv_json(ws)["pub"])
+        ws.send(side.seal(page.call("inc")))
+        assert texts_of(side.open(recv_json(ws)))["value"] == "1"
+
+
+@pytest.mark.server
 def test_parano_pushes_are_encrypted(server, new_client):
     page = Page(new_client(), "/parano-pusher")
     side = PageSide(page.cfg["token"])

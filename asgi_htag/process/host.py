@@ -495,6 +495,13 @@ class AppHost:
         page = obj.get("k")
         if not isinstance(page, str) or not _PAGE_ID_RE.match(page):
             return _page_error("invalid page id")
+        known = self.keys.get(page)
+        if known is not None and known.last_seq > 0:
+            # a page agrees on one key (again only if its socket went before the answer
+            # came, so before it used the key): a second agreement for a page whose key is
+            # in use comes from someone else, who would break that page's channel
+            logger.warning("process %s: refused a second key agreement for a page in use", os.getpid())
+            return _page_error("this page already has a key")
         try:
             key, pub = PageKey.agree(obj.get("hello"), self.token.encode())  # type: ignore[arg-type]
         except ProtocolError as exc:
