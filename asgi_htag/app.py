@@ -291,7 +291,15 @@ class Engine:
     async def startup(self, refs: List[str]) -> None:
         for ref in refs:
             self.pool.register_app(ref)
-        await self.pool.ensure_zygote()
+        try:
+            await self.pool.ensure_zygote()
+        except ProcessStartError as exc:
+            if exc.kind != "timeout":
+                raise  # it cannot start (the app does not import...): say so at once
+            # A fork server runs but is busy (a slow import, a stalled host). Failing here
+            # would fail the worker's boot, and gunicorn stops every worker when a new one
+            # fails to boot; the first requests try again instead.
+            logger.error("the fork server did not answer at start-up; requests will try again: %s", exc)
 
     def server_started(self) -> None:
         """Called once the server this engine owns has started (lifespan start-up of the

@@ -1087,3 +1087,36 @@ def test_ending_a_sessions_processes_starts_no_fork_server_when_none_runs(runtim
         return sorted(p.name for p in runtime.iterdir())
 
     assert run(go, runtime) == [], "no fork server was started"
+
+
+def test_a_worker_that_starts_while_the_fork_server_is_stalled_still_starts(runtime, tmp_path):
+    """A worker's start-up that cannot reach a busy fork server logs it and completes:
+    failing it fails the worker's boot, and gunicorn then stops every worker. Requests
+    get a clear timeout meanwhile, and all works once the fork server answers again."""
+    from dataclasses import replace
+
+    from asgi_htag.app import Engine
+
+    async def main() -> None:
+        first = ProcessPool(PoolConfig(runtime_dir=runtime, grace_seconds=1.0))
+        engine = Engine(runtime_dir=runtime, state_dir=tmp_path / "state", zygote_grace_seconds=1.0)
+        engine.pool_config = replace(engine.pool_config, zygote_answer_seconds=1.0)
+        try:
+            await first.ensure_zygote()
+            zygote_pid = first._presence_pid
+            os.kill(zygote_pid, signal.SIGSTOP)
+            try:
+                await engine.startup([])  # a new worker's start-up: must not raise
+                with pytest.raises(ProcessStartError) as refused:
+                    await engine.pool.zygote_request({"op": "stats"}, timeout=1.0)
+                assert refused.value.kind == "timeout"
+            finally:
+                os.kill(zygote_pid, signal.SIGCONT)
+            info = await engine.pool.spawn(KEY, "tests.apps:Counter", [[], {}], {}, OPTS)
+            assert info["pid"] > 0
+            assert (await engine.pool.stats())["pid"] == zygote_pid, "the same fork server, answering again"
+        finally:
+            await engine.shutdown()
+            await first.aclose()
+
+    anyio.run(main)

@@ -43,6 +43,8 @@ class PoolConfig:
     max_processes: int = 1000
     grace_seconds: float = 5.0
     start_timeout_seconds: float = 60.0
+    # how long a worker tries to reach (or start) the fork server before it gives up
+    zygote_answer_seconds: float = 15.0
     max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES
     log_level: str = "WARNING"
     apps: Tuple[str, ...] = field(default=())
@@ -222,7 +224,7 @@ class ProcessPool:
                 return
             self._presence = None
             await self.drop_idle(_ZYGOTE)  # they may lead to a zygote on its way out
-            deadline = time.monotonic() + 15.0
+            deadline = time.monotonic() + self.config.zygote_answer_seconds
             started = False
             while True:
                 try:
@@ -234,7 +236,7 @@ class ProcessPool:
                     # the one we start waits for that lock, then serves (READY). EXISTS: one
                     # started by another worker got there first; we ask it again.
                     if time.monotonic() > deadline:
-                        raise ProcessStartError(f"no fork server answers in {self._runtime}: {exc!r}") from exc
+                        raise ProcessStartError(f"no fork server answers in {self._runtime}: {exc!r}", "timeout") from exc
                     if started:
                         await anyio.sleep(0.2)
                     await self._start_zygote()
@@ -249,7 +251,7 @@ class ProcessPool:
         stream = await self._zygote_connect()
         try:
             rx = BufferedByteReceiveStream(stream)
-            with anyio.fail_after(10):
+            with anyio.fail_after(min(10.0, self.config.zygote_answer_seconds)):
                 await stream.send(wire.encode({"op": "hello", "settings": self.settings()}))
                 header = await rx.receive_exactly(wire.HEADER_SIZE)
                 reply = wire.decode_payload(await rx.receive_exactly(wire.decode_length(header)))
@@ -308,7 +310,15 @@ class ProcessPool:
             raise ProcessStartError(f"the fork server did not start: {line or 'no answer'}")
 
     async def _preload(self, apps: List[str]) -> None:
-        reply = await self._zygote_call({"op": "preload", "apps": apps}, timeout=60)
+        try:
+            reply = await self._zygote_call({"op": "preload", "apps": apps}, timeout=60)
+        except ProcessStartError as exc:
+            if exc.kind != "timeout":
+                raise
+            # the fork server is up (it answered our hello) but busy: each app is imported
+            # when a page first needs it instead
+            logger.error("the fork server did not load %s in time: %s", ", ".join(apps), exc)
+            return
         for ref, err in (reply.get("errors") or {}).items():
             logger.error("the fork server cannot load %s: %s", ref, err)
 
@@ -320,7 +330,9 @@ class ProcessPool:
         await self.ensure_zygote()
         try:
             return await self._zygote_call(msg, timeout=timeout)
-        except ProcessStartError:
+        except ProcessStartError as exc:
+            if exc.kind == "timeout":
+                raise  # it is there but does not answer: another try would wait as long
             # the zygote went away between our check and the call: start another, once
             await self._drop_presence()
             await self.ensure_zygote()
@@ -331,13 +343,17 @@ class ProcessPool:
         session process (:meth:`exchange`): no connect and accept per page render. Every
         request is one the zygote may see twice (spawn answers with the live process, kill
         names the pid)."""
-        with anyio.fail_after(timeout):
-            try:
-                conn = await self.acquire(_ZYGOTE)
-                reply, _ = await self.exchange(conn, msg)
-            except ProcessGone as exc:
-                raise ProcessStartError("the fork server is not running") from exc
-            return reply
+        try:
+            with anyio.fail_after(timeout):
+                try:
+                    conn = await self.acquire(_ZYGOTE)
+                    reply, _ = await self.exchange(conn, msg)
+                except ProcessGone as exc:
+                    raise ProcessStartError("the fork server is not running") from exc
+                return reply
+        except TimeoutError as exc:
+            logger.error("the fork server (pid %s) did not answer %r within %g s", self._presence_pid, msg.get("op"), timeout)
+            raise ProcessStartError(f"the fork server did not answer within {timeout:g} s", "timeout") from exc
 
     async def spawn(
         self,
