@@ -16,6 +16,7 @@ import anyio
 import pytest
 
 from asgi_htag.exceptions import ProcessGone, ProcessStartError
+from asgi_htag.process import wire
 from asgi_htag.process.pool import _ZYGOTE as ZYGOTE
 from asgi_htag.process.pool import PoolConfig, ProcessPool
 from tests.conftest import ROOT, pids_in_runtime
@@ -1120,3 +1121,34 @@ def test_a_worker_that_starts_while_the_fork_server_is_stalled_still_starts(runt
             await first.aclose()
 
     anyio.run(main)
+
+
+def test_a_leftover_the_fork_server_cannot_remove_does_not_end_other_sessions(runtime):
+    """When a process ends, the fork server removes its socket and busy mark; if that
+    fails (the runtime dir's permissions changed, a directory where the file was), it says
+    so and carries on: before, the error stopped it and every session with it."""
+    other = "fedcba9876543210fedc"
+
+    async def scenario(pool):
+        ending = await pool.spawn(KEY, "tests.apps:Counter", [[], {}], {}, OPTS)
+        staying = await pool.spawn(other, "tests.apps:Counter", [[], {}], {}, OPTS)
+        zygote_pid = (await pool.stats())["pid"]
+        busy = wire.busy_path(pool.socket_path(KEY))
+        os.unlink(busy)
+        os.mkdir(busy)  # unlink() of it fails, and not with FileNotFoundError
+        with open(os.path.join(busy, "x"), "w"):
+            pass
+        os.kill(ending["pid"], signal.SIGKILL)
+        for _ in range(100):  # bounded: until the fork server has seen it end
+            if ending["pid"] not in (await pool.stats())["pids"]:
+                break
+            await anyio.sleep(0.05)
+        stats = await pool.stats()
+        assert stats["pid"] == zygote_pid and ending["pid"] not in stats["pids"]
+        assert staying["pid"] in stats["pids"] and os.path.exists(f"/proc/{staying['pid']}")
+        conn = await pool.acquire(other)
+        reply, _ = await pool.exchange(conn, {"t": "ping", "token": staying["token"]})
+        assert reply["t"] == "pong", "the other session still answers"
+        shutil.rmtree(busy)
+
+    run(scenario, runtime)

@@ -238,21 +238,15 @@ class Zygote:
                     # its descriptor was closed by an earlier event of this batch (and its
                     # number may already belong to a new child's pipe): stale
                     continue
-                tag = key.data
-                if tag == "listen":
-                    self._accept()
-                elif tag == "wake":
-                    os.read(self.wake_r, 512)
-                elif tag == "conn":
-                    self._on_conn(key.fileobj)  # type: ignore[arg-type]
-                elif tag == "pidfd":
-                    self._on_exit(key.fd)
-                elif tag == "ready":
-                    self._on_ready(key.fd)
-                elif tag == "forker":
-                    logger.error("the forker (%s) stopped: a new one starts with the next process", self.forker_pid)
-                    self._drop_forker()
-                    _reap_children()  # its processes that had already ended are ours now
+                try:
+                    self._on_event(key)
+                except Exception:
+                    # one event that could not be handled must not end every session: it is
+                    # logged, and its descriptor no longer watched (or it would come back at
+                    # once, for ever)
+                    logger.exception("the fork server could not handle a %r event; it carries on", key.data)
+                    if self._still_registered(key):
+                        self.sel.unregister(key.fileobj)
             now = time.monotonic()
             if self.parked:
                 self._expire_parked(now)
@@ -265,6 +259,23 @@ class Zygote:
                 self.stop = True
                 break
         self.shutdown()
+
+    def _on_event(self, key: "selectors.SelectorKey") -> None:
+        tag = key.data
+        if tag == "listen":
+            self._accept()
+        elif tag == "wake":
+            os.read(self.wake_r, 512)
+        elif tag == "conn":
+            self._on_conn(key.fileobj)  # type: ignore[arg-type]
+        elif tag == "pidfd":
+            self._on_exit(key.fd)
+        elif tag == "ready":
+            self._on_ready(key.fd)
+        elif tag == "forker":
+            logger.error("the forker (%s) stopped: a new one starts with the next process", self.forker_pid)
+            self._drop_forker()
+            _reap_children()  # its processes that had already ended are ours now
 
     def _still_registered(self, key: "selectors.SelectorKey") -> bool:
         try:
@@ -776,6 +787,8 @@ class Zygote:
                     os.unlink(leftover)
                 except FileNotFoundError:
                     pass
+                except OSError as exc:  # the runtime dir's permissions changed under us
+                    logger.warning("cannot remove %s: %s", leftover, exc)
         if child.waiters:
             if timed_out:
                 reply = {"ok": False, "error": "timeout", "message": "the app took too long to start"}
