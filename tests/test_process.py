@@ -264,6 +264,26 @@ def test_a_late_app_whose_file_changes_gets_a_fresh_fork_server(runtime, tmp_pat
     assert new_zygote != old_zygote
 
 
+def test_an_app_file_touched_but_not_changed_keeps_the_fork_server_and_its_sessions(runtime, tmp_path, monkeypatch):
+    """A new time on the same content (a touch, a copy or a checkout that does not keep
+    times) is not an edit: restarting the fork server would end every live session."""
+    name, path, _log = _late_module(tmp_path, monkeypatch)
+
+    async def scenario(pool):
+        live = await pool.spawn("b" * 20, f"{name}:Late", [[], {}], {}, OPTS)
+        zygote = (await pool.stats())["pid"]
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        path.write_bytes(path.read_bytes())  # rewritten, the same bytes: a new time again
+        fresh = await pool.spawn("c" * 20, f"{name}:Late", [[], {}], {}, OPTS)
+        stats = await pool.stats()
+        return zygote, stats, live, fresh
+
+    zygote, stats, live, fresh = run(scenario, runtime)
+    assert stats["pid"] == zygote, "the same fork server"
+    assert live["pid"] in stats["pids"] and fresh["pid"] in stats["pids"]
+
+
 def _gone(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[0] in ("Z", "X")
@@ -271,7 +291,7 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_requests_to_the_zygote_reuse_idle_connections_and_survive_its_replacement(runtime, monkeypatch):
+def test_requests_to_the_zygote_reuse_idle_connections_and_survive_its_replacement(runtime, monkeypatch, caplog):
     """Renders ask the zygote for the process each time: one connection serves them one
     after the other (no connect/accept per render), concurrent ones open more and at most
     a few stay idle. When the zygote is killed, its idle connections are dropped and the
@@ -317,6 +337,8 @@ def test_requests_to_the_zygote_reuse_idle_connections_and_survive_its_replaceme
     assert sequential == 1  # six spawns and a stats call on one connection
     assert 1 < concurrent <= 13 and idle <= 4 and dropped_in_flight == 0
     assert stats2["pid"] != stats["pid"] and after["created"] and after["pid"] != first["pid"]
+    # the operator is told: every session ended with it
+    assert f"the fork server (pid {stats['pid']}) is gone, and every session process with it" in caplog.text
 
 
 def test_pool_limit(runtime):

@@ -220,8 +220,14 @@ class ProcessPool:
         if self._lock is None:
             self._lock = anyio.Lock()
         async with self._lock:
-            if self._presence is not None and await self._presence_alive():
-                return
+            if self._presence is not None:
+                if await self._presence_alive():
+                    return
+                # not a restart of ours (that drops the presence first): it died or was killed
+                logger.warning(
+                    "the fork server (pid %s) is gone, and every session process with it; starting a new one",
+                    self._presence_pid,
+                )
             self._presence = None
             await self.drop_idle(_ZYGOTE)  # they may lead to a zygote on its way out
             deadline = time.monotonic() + self.config.zygote_answer_seconds

@@ -24,6 +24,7 @@ import ctypes
 import errno
 import fcntl
 import gc
+import hashlib
 import importlib
 import importlib.util
 import io
@@ -458,8 +459,25 @@ class Zygote:
         return cls
 
     def _code_changed(self) -> bool:
-        """True if a file we imported an app from changed since: our copy is stale."""
-        return any(_stamp(path) != stamp for path, stamp in self.stamps.items())
+        """True if a file we imported an app from changed since: our copy is stale. A file
+        whose time changed but not its content (a touch, a copy that does not keep times)
+        is not a change: restarting ends every session."""
+        for path, stamp in self.stamps.items():
+            if stamp is None:  # could not be read when imported
+                if _stamp(path) is not None:
+                    return True
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:
+                return True
+            if [st.st_mtime_ns, st.st_size] == stamp[:2]:
+                continue
+            now = _stamp(path)
+            if now is None or now[2] != stamp[2]:
+                return True
+            self.stamps[path] = now
+        return False
 
     # --- children ---------------------------------------------------------------------
     def _spawn(self, conn: socket.socket, msg: Dict[str, Any], until: Optional[float] = None) -> None:
@@ -910,9 +928,13 @@ def _flock_within(f: Any, seconds: float) -> bool:
 
 
 def _stamp(path: str) -> Any:
+    """``[mtime, size, digest of the content]``; the digest is only computed (read) again
+    when the time or size moved (see :meth:`Zygote._code_changed`)."""
     try:
         st = os.stat(path)
-        return [st.st_mtime_ns, st.st_size]
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        return [st.st_mtime_ns, st.st_size, digest]
     except OSError:
         return None
 
