@@ -41,7 +41,7 @@ from .config import (
 from .exceptions import ConfigurationError, PoolFull, ProcessGone, ProcessStartError, ProtocolError
 from .process import wire
 from .process.pool import PoolConfig, ProcessPool
-from .sessions import MemoryStore, Session, SessionMiddleware, SessionStore, default_store
+from .sessions import MemoryStore, Session, SessionMiddleware, SessionStore, default_store, store_failure
 
 logger = logging.getLogger(__name__)
 
@@ -490,7 +490,7 @@ class Engine:
             await _send_json(send, 200, _GONE)
             return
         diff = reply.get("diff")
-        if diff and not await session.apply_changes(diff.get("set") or {}, diff.get("del") or [], create=False):
+        if diff and not await _save_changes(session, diff):
             logger.info("session %s is gone (a logout): its page's write is dropped", session.sid[:6])
             await _send_json(send, 200, _GONE)
             return
@@ -625,9 +625,7 @@ class Engine:
                         while True:
                             frame, out = await conn.receive_frame()
                             diff = frame.get("diff")
-                            if diff and not await session.apply_changes(
-                                diff.get("set") or {}, diff.get("del") or [], create=False
-                            ):
+                            if diff and not await _save_changes(session, diff, ws_send):
                                 # the session was deleted (a logout) or expired: the app's write
                                 # must not bring it back; the page reloads into the current one
                                 logger.info("session %s is gone (a logout): its page's write is dropped", short_sid)
@@ -747,6 +745,26 @@ def _query_value(scope: Scope, name: str) -> Optional[str]:
     qs = scope.get("query_string", b"").decode("latin-1")
     values = parse_qs(qs).get(name)
     return values[0] if values else None
+
+
+async def _save_changes(session: Any, diff: Dict[str, Any], notify: Any = None) -> bool:
+    """Apply an app's session changes to the store: False if the session is gone (a
+    logout). A store that fails (its disk full or read-only, its server down) is logged
+    and the click's answer still goes to the page (``notify``, a websocket's sender, tells
+    it the change was not saved): the page stays in step with its instance."""
+    try:
+        return bool(await session.apply_changes(diff.get("set") or {}, diff.get("del") or [], create=False))
+    except Exception as exc:
+        if not store_failure(exc):
+            raise
+        logger.error("the session store failed to save the changes of session %s...: %s: %s",
+                     (session.sid or "-")[:6], type(exc).__name__, str(exc)[:200])
+        if notify is not None:
+            await notify({"asgi_htag": "error", "message": _NOT_SAVED})
+        return True
+
+
+_NOT_SAVED = "The server could not save this change to your session; it may be lost."
 
 
 def _error_page(title: str, text: str, pre: bool = False) -> str:

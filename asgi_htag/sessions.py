@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import sqlite3
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -841,6 +842,48 @@ def unsign_cookie(secret: Union[Secret, str, bytes], value: Union[str, bytes]) -
     return sid
 
 
+def store_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the session store failed (its disk is full or read-only, its
+    database locked or corrupt, its server unreachable), not that the code using it is
+    wrong (a value that is not JSON)."""
+    if isinstance(exc, (sqlite3.Error, OSError)):
+        return True
+    redis = sys.modules.get("redis.exceptions")  # only where a Redis store is in use
+    return redis is not None and isinstance(exc, redis.RedisError)
+
+
+def _failure(exc: BaseException) -> str:
+    """An exception for a one-line log message."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+_STORE_DOWN_PAGE = (
+    b"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Service unavailable</title></head>"
+    b"<body><h1>Service unavailable</h1><p>The server cannot keep sessions right now. "
+    b"Please try again in a moment.</p></body></html>"
+)
+_STORE_DOWN_START = {
+    "type": "http.response.start",
+    "status": 503,
+    "headers": [
+        (b"content-type", b"text/html; charset=utf-8"),
+        (b"content-length", str(len(_STORE_DOWN_PAGE)).encode()),
+        (b"cache-control", b"no-store"),
+        (b"retry-after", b"5"),
+    ],
+}
+
+
+async def _refuse(scope: Scope, send: Send) -> None:
+    """The answer when the session store cannot be read: 503, or a websocket refused."""
+    if scope["type"] == "http":
+        await send(_STORE_DOWN_START)
+        await send({"type": "http.response.body", "body": _STORE_DOWN_PAGE})
+    else:
+        await send({"type": "websocket.close", "code": 1011})
+
+
 def _cookie_values(headers: Iterable[Tuple[bytes, bytes]], name: str) -> List[str]:
     """The values of cookie ``name`` in every Cookie header, in order; junk is skipped."""
     found: List[str] = []
@@ -968,7 +1011,14 @@ class SessionMiddleware:
             await self.app(scope, receive, send)
             return
         dead: List[str] = []  # validly signed ids the store no longer has (expired)
-        session = await self._load(scope, dead)
+        try:
+            session = await self._load(scope, dead)
+        except Exception as exc:  # the store cannot be read (its disk, its server)
+            if not store_failure(exc):
+                raise
+            logger.error("the session store cannot be read, answering 503: %s", _failure(exc))
+            await _refuse(scope, send)
+            return
         scope["session"] = session
         if dead and self.on_drop is not None:
             # before the app runs: what it starts for the new session (a process, on a
@@ -980,11 +1030,24 @@ class SessionMiddleware:
         secure = self._secure(scope)
 
         if scope["type"] == "http":
+            failed = False  # the store failed at the response's start: a 503 went instead
 
             async def send_http(message: Message) -> None:
-                nonlocal browser_sid
+                nonlocal browser_sid, failed
+                if failed:  # the app's response, which a 503 replaced
+                    if message["type"] == "http.response.body" and not message.get("more_body", False):
+                        await send({"type": "http.response.body", "body": _STORE_DOWN_PAGE})
+                    return
                 if message["type"] == "http.response.start":
-                    cookie, browser_sid = await self._settle(session, browser_sid, secure)
+                    try:
+                        cookie, browser_sid = await self._settle(session, browser_sid, secure)
+                    except Exception as exc:
+                        if not store_failure(exc):
+                            raise  # a bug (a value that is not JSON...): the server's 500
+                        failed = True
+                        await self._store_failed(session, browser_sid, exc)
+                        await send(_STORE_DOWN_START)
+                        return
                     extra: List[Tuple[bytes, bytes]] = []
                     if cookie is not None:
                         extra.append((b"set-cookie", cookie))
@@ -999,11 +1062,22 @@ class SessionMiddleware:
             return
 
         accepted = False
+        refused = False  # the store failed at the handshake: closed instead of accepted
 
         async def send_ws(message: Message) -> None:
-            nonlocal browser_sid, accepted
+            nonlocal browser_sid, accepted, refused
+            if refused:
+                return
             if message["type"] == "websocket.accept":
-                cookie, browser_sid = await self._settle(session, browser_sid, secure)
+                try:
+                    cookie, browser_sid = await self._settle(session, browser_sid, secure)
+                except Exception as exc:
+                    if not store_failure(exc):
+                        raise
+                    refused = True
+                    await self._store_failed(session, browser_sid, exc)
+                    await send({"type": "websocket.close", "code": 1011})
+                    return
                 accepted = True
                 if cookie is not None:
                     message = {**message, "headers": [*message.get("headers", ()), (b"set-cookie", cookie)]}
@@ -1140,10 +1214,24 @@ class SessionMiddleware:
             for sid in dropped:
                 await self._report_drop(sid)
 
+    async def _store_failed(self, session: Session, browser_sid: Optional[str], exc: Exception) -> None:
+        """The store failed to save this request's session (its disk is full or read-only,
+        its server is down): one log line, and what was started for a session the browser
+        will not hold (a new one: its cookie does not go out) is ended."""
+        logger.error("the session store failed to save session %s..., answering 503: %s", (session.sid or "-")[:6], _failure(exc))
+        if session.sid is not None and session.sid != browser_sid and self.on_drop is not None:
+            await self._report_drop(session.sid)
+
     async def _commit_after_accept(self, session: Session, browser_sid: Optional[str]) -> None:
         if not session.modified:
             return
-        await self._commit(session)
+        try:
+            await self._commit(session)
+        except Exception as exc:
+            if not store_failure(exc):
+                raise
+            logger.error("the session store failed to save session %s... after its websocket: %s", (session.sid or "-")[:6], _failure(exc))
+            return
         if session.sid is not None and session.sid != browser_sid:
             logger.warning(
                 "session %s... was created or renamed after the websocket was accepted; the browser "
