@@ -1174,3 +1174,21 @@ def test_a_leftover_the_fork_server_cannot_remove_does_not_end_other_sessions(ru
         shutil.rmtree(busy)
 
     run(scenario, runtime)
+
+
+def test_a_runtime_dir_removed_under_a_running_server_is_made_again(runtime, caplog):
+    """A /tmp cleaner, or logind emptying $XDG_RUNTIME_DIR when the user's last login ends,
+    removes the runtime dir and every socket in it: the sessions it held are lost, but the
+    next page starts a fork server in a new one, instead of failing until a restart."""
+
+    async def scenario(pool):
+        before = await pool.spawn(KEY, "tests.apps:Counter", [[], {}], {}, OPTS)
+        old_zygote = (await pool.stats())["pid"]
+        shutil.rmtree(runtime)
+        after = await pool.spawn("fedcba9876543210fedc", "tests.apps:Counter", [[], {}], {}, OPTS)
+        return before, old_zygote, after, await pool.stats()
+
+    before, old_zygote, after, stats = run(scenario, runtime)
+    assert stats["pid"] != old_zygote and after["pid"] in stats["pids"]
+    assert os.stat(runtime).st_mode & 0o777 == 0o700
+    assert f"the runtime dir {runtime} is gone; making it again" in caplog.text

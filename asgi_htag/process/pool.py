@@ -21,6 +21,7 @@ import anyio
 from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from ..config import ensure_private_dir
 from ..exceptions import PoolFull, ProcessGone, ProcessStartError, ProtocolError
 from . import wire
 
@@ -310,6 +311,11 @@ class ProcessPool:
             "apps": sorted(self._apps),
         }
         timeout = 60.0
+        if not os.path.isdir(self._runtime):
+            # removed under us (a /tmp cleaner; logind empties $XDG_RUNTIME_DIR when the
+            # user's last session ends): every process it held is unreachable now
+            logger.error("the runtime dir %s is gone; making it again (its sessions are lost)", self._runtime)
+        ensure_private_dir(self._runtime)
         logger.info("starting the fork server for %s", self._runtime)
         line = await anyio.to_thread.run_sync(_spawn_zygote, json.dumps(cfg), timeout)
         if not (line.startswith("READY") or line == "EXISTS"):

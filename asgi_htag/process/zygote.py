@@ -458,6 +458,15 @@ class Zygote:
                 self.stamps[path] = _stamp(path)
         return cls
 
+    def _still_named(self) -> bool:
+        """Whether our socket is still there under its name (one stat per new process)."""
+        if self.listener is None:
+            return True  # not listening yet (tests drive _spawn directly)
+        try:
+            return os.stat(os.path.join(self.runtime_dir, "zygote.s")).st_ino == self.sock_inode
+        except OSError:
+            return False
+
     def _code_changed(self) -> bool:
         """True if a file we imported an app from changed since: our copy is stale. A file
         whose time changed but not its content (a touch, a copy that does not keep times)
@@ -487,6 +496,15 @@ class Zygote:
         key = msg.get("key")
         if not isinstance(key, str) or not KEY_RE.match(key):
             self._reply(conn, {"ok": False, "error": "protocol", "message": "bad key"})
+            return
+        if not self._still_named():
+            # Our socket is gone or another's (the runtime dir was removed: a /tmp cleaner,
+            # logind emptying $XDG_RUNTIME_DIR): a process we start could not make its own
+            # socket there, and no new connection reaches us. Stop, as for new code below.
+            logger.error("this fork server's socket in %s is gone: it stops so a new one starts there", self.runtime_dir)
+            self.stop = True
+            self._retire()
+            self._reply(conn, {"ok": False, "error": "stale", "message": "the runtime dir was removed; restarting the fork server"})
             return
         if self._code_changed():
             # The app's code changed on disk (a deploy, an edit): stop everything we run,
