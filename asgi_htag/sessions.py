@@ -274,6 +274,7 @@ class SQLiteStore(SessionStore):
 
     _PURGE_EVERY_WRITES = 128
     _MAX_REMEMBERED_EXPIRIES = 10000
+    _IDENTITY_CHECK_SECONDS = 5.0
 
     def __init__(self, path: PathLike, *, max_age_seconds: float = DEFAULT_MAX_AGE_SECONDS) -> None:
         """
@@ -303,6 +304,8 @@ class SQLiteStore(SessionStore):
         self._inherited: List[sqlite3.Connection] = []
         self._write_limiter: Optional["anyio.CapacityLimiter"] = None
         self._write_limiter_pid = 0
+        self._identity: Optional[Tuple[int, int]] = None  # (device, inode) of the file opened
+        self._next_identity_check = 0.0
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r}, max_age_seconds={self.max_age_seconds})"
@@ -331,8 +334,33 @@ class SQLiteStore(SessionStore):
 
     async def _ready(self) -> None:
         self._check_pid()
+        if self._reader is not None and _monotonic() >= self._next_identity_check:
+            self._check_identity()
         if self._reader is None or self._writer is None:
             await anyio.to_thread.run_sync(self._open_sync)
+
+    def _check_identity(self) -> None:
+        """Every few seconds: is the file under our path still the one we have open? One
+        removed or replaced (a restored backup moved into place, a state dir deleted) would
+        otherwise split the workers for good: those started since use the new file, we the
+        old one, and a session known to one is unknown (so expired) to the other."""
+        self._next_identity_check = _monotonic() + self._IDENTITY_CHECK_SECONDS
+        try:
+            st = os.stat(self.path)
+            now: Optional[Tuple[int, int]] = (st.st_dev, st.st_ino)
+        except OSError:
+            now = None
+        if now == self._identity:
+            return
+        logger.error(
+            "the session database %s was %s while open: opening the one there now (sessions kept only in the old one are gone)",
+            self.path,
+            "removed" if now is None else "replaced",
+        )
+        # kept referenced, never used again: a write thread may still be inside one
+        self._inherited.extend(c for c in (self._reader, self._writer) if c is not None)
+        self._reader = self._writer = None
+        self._expires = {}
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(str(self.path), timeout=5.0, isolation_level=None, check_same_thread=False)
@@ -366,6 +394,9 @@ class SQLiteStore(SessionStore):
                     raise
             except (OSError, sqlite3.Error) as exc:
                 raise ConfigurationError(f"cannot open the session store {self.path}: {exc}") from exc
+            st = os.stat(self.path)
+            self._identity = (st.st_dev, st.st_ino)
+            self._next_identity_check = _monotonic() + self._IDENTITY_CHECK_SECONDS
             self._writer, self._reader = writer, reader
             logger.debug("session store %s opened in pid %s", self.path, self._pid)
 

@@ -3,6 +3,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -1190,3 +1191,32 @@ def test_sqlite_store_with_middleware(tmp_path: Path) -> None:
         assert body == {"sid": first["sid"], "data": {"k": "v", "items": [0]}}
     finally:
         run(store.close)
+
+
+def test_a_sqlite_state_dir_removed_under_a_worker_is_opened_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A worker that kept the old file open would split the workers for good: those
+    started since use a new file, it the old one, and a session known to one is unknown
+    (so expired) to the other. Within a few seconds it opens the file there now."""
+    mono = [1000.0]
+    monkeypatch.setattr(sessions, "_monotonic", lambda: mono[0])
+    path = tmp_path / "state" / "s.db"
+    old_worker = SQLiteStore(path)
+
+    async def main() -> Tuple[Any, ...]:
+        await old_worker.apply("a" * 20, {"who": "a"}, [])
+        shutil.rmtree(tmp_path / "state")  # the state dir deleted while the server runs
+        new_worker = SQLiteStore(path)  # a worker started since
+        await new_worker.apply("c" * 20, {"who": "c"}, [])
+        mono[0] += 5  # the check's interval
+        seen = [await old_worker.load(sid) for sid in ("a" * 20, "c" * 20)]
+        await old_worker.apply("d" * 20, {"who": "d"}, [])
+        shared = await new_worker.load("d" * 20)
+        await new_worker.close()
+        await old_worker.close()
+        return seen, shared
+
+    seen, shared = anyio.run(main)
+    assert seen == [None, {"who": "c"}]
+    assert shared == {"who": "d"}, "both workers see one database again"
+    # removed, then made again by the new worker: replaced, as the old one finds it
+    assert f"the session database {path} was replaced while open" in caplog.text
