@@ -737,13 +737,22 @@ def _page_error(message: str, status: int = 200) -> Tuple[Dict[str, Any], bytes]
     return {"t": "error", "status": status}, _json_bytes({"asgi_htag": "error", "message": message})
 
 
-async def serve(spec: Dict[str, Any], tag_class: type, client_js: str, ready_fd: int) -> None:
+async def serve(spec: Dict[str, Any], tag_class: type, client_js: str, ready_fd: int, life_fd: int = -1) -> None:
     """Create the instance, listen on ``spec["sock_path"]``, report READY on ``ready_fd``,
-    and serve until inactivity, ``exit()`` or SIGTERM."""
+    and serve until inactivity, ``exit()``, SIGTERM, or EOF on ``life_fd`` (the fork
+    server is gone)."""
     install_offer_recorder()
     host = AppHost(spec, tag_class, client_js)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, host.stopping.set)
+    if life_fd >= 0:
+
+        def fork_server_gone() -> None:  # EOF: the one writer is gone (or it went meanwhile)
+            loop.remove_reader(life_fd)
+            logger.info("process %s exits: its fork server is gone", os.getpid())
+            host.stopping.set()
+
+        loop.add_reader(life_fd, fork_server_gone)
 
     path = spec["sock_path"]
     host.open_busy_mark(wire.busy_path(path))  # before the socket: a worker may look at it

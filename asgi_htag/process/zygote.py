@@ -149,6 +149,11 @@ class Zygote:
         self.sock_inode = -1
         self.lock_files: List[Any] = []
         self.wake_r, self.wake_w = os.pipe()
+        # Only we hold the write end: every session process holds the read end (through the
+        # forker) and ends when it reads EOF, so they all end with us, however we end. They
+        # do not end with the forker (a parent-death signal would tie them to it): when
+        # it is replaced (killed after a timeout, or it died), they live on as ours.
+        self.life_r, self.life_w = os.pipe()
         self.forker: Optional[socket.socket] = None
         self.forker_pid = 0
         self.forker_pidfd = -1
@@ -576,6 +581,11 @@ class Zygote:
         except (OSError, ValueError, socket.timeout, ProcessStartError, FrameTooLarge) as exc:
             if ready_r >= 0:
                 os.close(ready_r)
+            if isinstance(exc, socket.timeout):
+                exc = socket.timeout(
+                    "the forker did not answer in 30 s (an app that takes that long to import?); it is replaced, "
+                    "the processes it started live on"
+                )
             logger.error("cannot fork a process for %s: %s", key[:8], exc)
             if not isinstance(exc, (ProcessStartError, FrameTooLarge)):
                 self._drop_forker()  # the exchange with it broke off: start afresh
@@ -640,7 +650,7 @@ class Zygote:
             try:
                 ours.close()
                 self._forget_in_child()
-                _forker_main(theirs, self.client_js, dict(self.apps), self.main_path)
+                _forker_main(theirs, self.client_js, dict(self.apps), self.main_path, self.life_r)
                 code = 0
             except BaseException:
                 logger.exception("the forker failed")
@@ -689,7 +699,7 @@ class Zygote:
             self.listener.close()
         for conn in list(self.sockets.values()):
             conn.close()
-        for fd in list(self.by_pidfd) + list(self.by_ready_fd) + [self.wake_r, self.wake_w, self.forker_pidfd]:
+        for fd in list(self.by_pidfd) + list(self.by_ready_fd) + [self.wake_r, self.wake_w, self.forker_pidfd, self.life_w]:
             try:
                 os.close(fd)
             except OSError:
@@ -1150,7 +1160,9 @@ def _fill_partial_pools() -> None:
     _FILLERS.append(keep)
 
 
-def _forker_main(sock: socket.socket, client_js: str, apps: Dict[str, type], main_path: Optional[str]) -> None:  # pragma: no cover
+def _forker_main(
+    sock: socket.socket, client_js: str, apps: Dict[str, type], main_path: Optional[str], life_fd: int = -1
+) -> None:  # pragma: no cover
     """Body of the forker: read a request, fork, send back the pid and a pidfd; nothing
     else, so that it writes as few pages as possible between two forks."""
     if _prctl is not None:
@@ -1205,7 +1217,7 @@ def _forker_main(sock: socket.socket, client_js: str, apps: Dict[str, type], mai
                 sock.close()
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, chld)
-                _child_main(json.loads(raw_spec or b"null"), cls, client_js, ready_w)
+                _child_main(json.loads(raw_spec or b"null"), cls, client_js, ready_w, life_fd)
                 code = 0
             except BaseException as exc:
                 try:
@@ -1233,14 +1245,13 @@ def _forker_main(sock: socket.socket, client_js: str, apps: Dict[str, type], mai
             os.close(pidfd)
 
 
-def _child_main(spec: Dict[str, Any], cls: type, client_js: str, ready_fd: int) -> None:  # pragma: no cover
-    """Body of a forked per-session process."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+def _child_main(spec: Dict[str, Any], cls: type, client_js: str, ready_fd: int, life_fd: int = -1) -> None:  # pragma: no cover
+    """Body of a forked per-session process. ``life_fd``: the read end of the fork
+    server's life pipe (see :class:`Zygote`)."""
     from .host import serve
 
     gc.enable()
-    _run(serve(spec, cls, client_js, ready_fd))
+    _run(serve(spec, cls, client_js, ready_fd, life_fd))
 
 
 def _configure_logging(level: str) -> None:
