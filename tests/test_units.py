@@ -3,6 +3,7 @@ import asyncio
 import json
 import struct
 from types import SimpleNamespace
+import weakref
 
 import anyio
 import pytest
@@ -537,9 +538,11 @@ def test_an_offer_does_not_pass_to_a_new_element_at_the_freed_ones_address():
         app = host.AppHost(spec, _Listing, "")
         await app.render({"t": "render", "token": "t"})
         box = app.hr.tag.box
+        offered = weakref.ref(box.childs[0])
         oid = id(box.childs[0])
         box.clear()
         gc.collect()
+        freed = offered() is None
         others = []
         for i in range(10_000):  # until one lands where the offered one was (at once, in practice)
             row = _Deletable(f"bob-{i}", False)
@@ -547,14 +550,18 @@ def test_an_offer_does_not_pass_to_a_new_element_at_the_freed_ones_address():
             others.append(row)
             if id(row) == oid:
                 break
-        reused = others[-1] if id(others[-1]) == oid else None
+        if id(others[-1]) != oid:
+            # malloc handed that chunk to something else this time (the state a long test
+            # run leaves it in): register the new row under the old id, as htag does when
+            # the address is reused
+            Tag.__instances__[oid] = others[-1]
         actions, _ = await app.interact({"id": oid, "method": "delete", "args": [], "kargs": {}, "event": {}}, None)
         host._offered.clear()
-        return reused is not None, actions
+        return freed, actions
 
     _Deletable.deleted = []
-    reused, actions = asyncio.run(main())
-    assert reused, "CPython reused the freed element's address (what the test needs)"
+    freed, actions = asyncio.run(main())
+    assert freed, "the offered element is gone once the page no longer holds it"
     assert "refused" in actions.get("err", ""), actions
     assert _Deletable.deleted == []
 
