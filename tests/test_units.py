@@ -587,6 +587,26 @@ def test_forker_fills_its_half_used_pools_before_forking():
     assert len(emptied) > len(still), (before, after)
 
 
+def test_forker_empties_the_free_lists_it_would_hand_to_its_children():
+    """A session process's full collections clear CPython's free lists: the objects in them
+    must not be the forker's, inherited (freeing each would copy its page)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, htag.render\n"
+        "from asgi_htag.process import zygote as z\n"
+        "junk = [(i, i) for i in range(3000)] + [{} for _ in range(200)] + [[] for _ in range(200)]\n"
+        "del junk\n"  # what a warm-up leaves: full free lists
+        "before = z._free_list_objects(); z._prepare_heap_for_forks(); after = z._free_list_objects()\n"
+        "print(json.dumps([before, after]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    before, after = json.loads(out.stdout)
+    assert before >= 2000, before  # the stats were read: 2,000 free 2-tuples at least
+    assert after < 100, (before, after)  # what the pool filling itself leaves
+
+
 def test_the_worker_side_warnings_reach_stderr_until_the_app_sets_up_logging(monkeypatch):
     """``uvicorn app:app`` configures only uvicorn's loggers: asgi_htag's warnings would be
     dropped by a NullHandler. Its fallback handler writes them to stderr, and steps aside

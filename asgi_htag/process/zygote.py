@@ -1103,12 +1103,11 @@ def _reap_children() -> None:
 _FILLERS: List[Any] = []
 
 
-def _partial_pool_blocks() -> List[Tuple[int, int]]:
-    """``(block size, free blocks)`` of the pymalloc pools in use, per size class, as
-    CPython's ``sys._debugmallocstats()`` reports them; empty where it reports nothing."""
+def _mallocstats() -> str:
+    """What CPython's ``sys._debugmallocstats()`` reports; empty where it reports nothing."""
     debug_stats = getattr(sys, "_debugmallocstats", None)
     if debug_stats is None:
-        return []
+        return ""
     fd = os.memfd_create("mallocstats")
     try:
         saved = os.dup(2)
@@ -1127,14 +1126,43 @@ def _partial_pool_blocks() -> List[Tuple[int, int]]:
             text += chunk
     finally:
         os.close(fd)
+    return text.decode("ascii", "replace")
+
+
+def _partial_pool_blocks() -> List[Tuple[int, int]]:
+    """``(block size, free blocks)`` of the pymalloc pools in use, per size class."""
     found: List[Tuple[int, int]] = []
-    for line in text.decode("ascii", "replace").splitlines():
+    for line in _mallocstats().splitlines():
         parts = line.split()  # "class size num_pools blocks_in_use avail_blocks"
         if len(parts) == 5 and all(p.isdigit() for p in parts):
             found.append((int(parts[1]), int(parts[4])))
         elif found:
             break  # the end of that table
     return found
+
+
+_FREE_LIST_LINE = re.compile(r"^\s*(\d+) free (?:\d+-sized )?Py\w+Objects", re.M)
+
+
+def _free_list_objects() -> int:
+    """How many objects wait in CPython's free lists (dicts, lists, floats, tuples...)."""
+    return sum(int(m.group(1)) for m in _FREE_LIST_LINE.finditer(_mallocstats()))
+
+
+def _prepare_heap_for_forks() -> None:
+    """Run once in the forker, before its first fork: empty the free lists, then fill the
+    half-used pools (:func:`_fill_partial_pools`).
+
+    The free lists come from the zygote's imports and warm-up (2,000 tuples of a size, 80
+    dicts...), spread over many pages. A session process's first full collection clears
+    them (CPython does at every full collection), and freeing each one writes to its page:
+    a copy of each. Emptied here, the forker pays that once, for all its children: 4.15-4.22
+    -> 3.90-3.95 MB per session process after 502 clicks (10 sessions, two rounds)."""
+    gc.collect()  # a full collection clears the free lists; the forker's heap is frozen, so it scans little
+    try:
+        _fill_partial_pools()
+    except Exception:  # an optimisation only
+        logger.debug("could not fill the forker's pools", exc_info=True)
 
 
 def _fill_partial_pools() -> None:
@@ -1176,10 +1204,7 @@ def _forker_main(
     signal.signal(signal.SIGCHLD, lambda signum, frame: _reap_children())
     sock.settimeout(None)
     chld = {signal.SIGCHLD}
-    try:
-        _fill_partial_pools()
-    except Exception:  # an optimisation only
-        logger.debug("could not fill the forker's pools", exc_info=True)
+    _prepare_heap_for_forks()
     while True:
         try:
             head, fds, _flags, _addr = socket.recv_fds(sock, 4, 1)
