@@ -1212,3 +1212,81 @@ def test_a_runtime_dir_removed_under_a_running_server_is_made_again(runtime, cap
     assert stats["pid"] != old_zygote and after["pid"] in stats["pids"]
     assert os.stat(runtime).st_mode & 0o777 == 0o700
     assert f"the runtime dir {runtime} is gone; making it again" in caplog.text
+
+
+_OUT_OF_DESCRIPTORS = r"""
+import logging, os, resource, sys, threading
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
+from asgi_htag.process.zygote import Zygote
+z = Zygote({"runtime_dir": sys.argv[1], "grace_seconds": 60})
+assert z.acquire()
+z.listen()
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+fillers = []
+try:
+    while True:
+        fillers.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+
+def commands():
+    for line in sys.stdin:
+        if line.strip() == "free":
+            for fd in fillers:
+                os.close(fd)
+            fillers.clear()
+        elif line.strip() == "stop":
+            break
+    z.stop = True
+    os.write(z.wake_w, b"x")
+
+threading.Thread(target=commands, daemon=True).start()
+print("FULL", flush=True)
+z.run()
+"""
+
+
+def test_a_fork_server_out_of_descriptors_accepts_again_once_some_are_freed(runtime):
+    """accept() fails with EMFILE while the fork server has no descriptor left: the worker's
+    connection waits in the backlog, and is answered once descriptors are freed. Before,
+    the listener was dropped from the loop for good: a fork server that ran on, answered
+    no one, and was never replaced (its workers' connections stayed open)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _OUT_OF_DESCRIPTORS, str(runtime)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "FULL"
+        waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        waiting.settimeout(20)
+        waiting.connect(str(runtime / "zygote.s"))
+        waiting.sendall(wire.encode({"op": "hello"}))
+        seen = []
+        for line in proc.stderr:  # bounded by the test's timeout; the line comes at once
+            seen.append(line)
+            if "cannot accept a connection" in line:
+                break
+        assert "Too many open files" in seen[-1], seen
+        proc.stdin.write("free\n")
+        proc.stdin.flush()
+        answer = waiting.recv(4096)
+        assert b'"ok"' in answer, answer
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        other.settimeout(20)
+        other.connect(str(runtime / "zygote.s"))
+        other.sendall(wire.encode({"op": "hello"}))
+        assert b'"ok"' in other.recv(4096)
+        waiting.close()
+        other.close()
+        proc.stdin.write("stop\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=30) == 0
+        rest = proc.stderr.read()
+        assert "accepts connections again" in rest
+        assert rest.count("cannot accept a connection") == 0, "said once, not every 0.1 s"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            stream.close()

@@ -157,6 +157,10 @@ class Zygote:
         self.forker: Optional[socket.socket] = None
         self.forker_pid = 0
         self.forker_pidfd = -1
+        # our own descriptors (the listener, the wake-up pipe, the forker's pidfd) that an
+        # error took out of the selector for a moment: descriptor -> (its tag, when it returns)
+        self.paused: Dict[Any, Tuple[str, float]] = {}
+        self.accept_failing = False
 
     # --- start-up ---------------------------------------------------------------------
     def acquire(self, wait_seconds: float = 20.0) -> bool:
@@ -239,6 +243,9 @@ class Zygote:
             if self.parked:
                 t = max(0.0, min(until for _c, _m, until in self.parked) - now)
                 timeout = t if timeout is None else min(timeout, t)
+            if self.paused:
+                t = max(0.0, min(until for _tag, until in self.paused.values()) - now)
+                timeout = t if timeout is None else min(timeout, t)
             for key, _events in self.sel.select(timeout):
                 if not self._still_registered(key):
                     # its descriptor was closed by an earlier event of this batch (and its
@@ -247,13 +254,12 @@ class Zygote:
                 try:
                     self._on_event(key)
                 except Exception:
-                    # one event that could not be handled must not end every session: it is
-                    # logged, and its descriptor no longer watched (or it would come back at
-                    # once, for ever)
+                    # one event that could not be handled must not end every session
                     logger.exception("the fork server could not handle a %r event; it carries on", key.data)
-                    if self._still_registered(key):
-                        self.sel.unregister(key.fileobj)
+                    self._after_error(key)
             now = time.monotonic()
+            if self.paused:
+                self._resume_paused(now)
             if self.parked:
                 self._expire_parked(now)
             for child in list(self.children.values()):
@@ -283,6 +289,40 @@ class Zygote:
             self._drop_forker()
             _reap_children()  # its processes that had already ended are ours now
 
+    def _after_error(self, key: "selectors.SelectorKey") -> None:
+        """Stop an event that could not be handled from coming back at once, for ever: a
+        worker's connection is closed (the worker notices and tries again); one of our own
+        descriptors, which every session needs, is watched again after a second."""
+        if not self._still_registered(key):
+            return
+        if key.data == "conn":
+            try:
+                self._close_conn(key.fileobj)  # type: ignore[arg-type]
+                return
+            except Exception:
+                logger.exception("the fork server could not close a control connection")
+        elif key.data in ("listen", "wake", "forker"):
+            self._pause(key, 1.0)
+            return
+        if self._still_registered(key):
+            self.sel.unregister(key.fileobj)
+
+    def _pause(self, key: "selectors.SelectorKey", seconds: float) -> None:
+        self.sel.unregister(key.fileobj)
+        self.paused[key.fileobj] = (key.data, time.monotonic() + seconds)
+
+    def _resume_paused(self, now: float) -> None:
+        for fileobj, (tag, until) in list(self.paused.items()):
+            if until > now:
+                continue
+            del self.paused[fileobj]
+            if isinstance(fileobj, socket.socket) and fileobj.fileno() < 0:
+                continue  # closed meanwhile
+            try:
+                self.sel.register(fileobj, selectors.EVENT_READ, tag)
+            except (KeyError, ValueError, OSError):  # watched again already, or gone
+                pass
+
     def _still_registered(self, key: "selectors.SelectorKey") -> bool:
         try:
             return self.sel.get_key(key.fd) is key
@@ -295,6 +335,21 @@ class Zygote:
             try:
                 conn, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
+                if self.accept_failing:
+                    self.accept_failing = False
+                    logger.warning("fork server %s accepts connections again", os.getpid())
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_LATER:
+                    raise
+                # out of descriptors or memory: the connection waits in the backlog; watching
+                # the listener now would wake us at once, for ever
+                if not self.accept_failing:
+                    self.accept_failing = True
+                    logger.error("fork server %s cannot accept a connection (%s); it tries again every 0.1 s", os.getpid(), exc)
+                self._pause(self.sel.get_key(self.listener), 0.1)
                 return
             conn.settimeout(5.0)
             self.conns[conn.fileno()] = wire.FrameBuffer(CONTROL_MAX_FRAME_BYTES)
@@ -670,6 +725,7 @@ class Zygote:
             return
         self.forker.close()
         self.forker = None
+        self.paused.pop(self.forker_pidfd, None)
         try:
             self.sel.unregister(self.forker_pidfd)
         except (KeyError, ValueError):
@@ -898,6 +954,7 @@ class Zygote:
         except OSError:
             pass
         if self.listener is not None:
+            self.paused.pop(self.listener, None)
             try:
                 self.sel.unregister(self.listener)
             except (KeyError, ValueError):
@@ -1101,6 +1158,7 @@ def _reap_children() -> None:
 # Objects that fill the free blocks of the forker's half-used pymalloc pools: see
 # _fill_partial_pools. Kept for the forker's life, never touched again.
 _FILLERS: List[Any] = []
+_ACCEPT_LATER = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 
 def _mallocstats() -> str:
