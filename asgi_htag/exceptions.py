@@ -9,6 +9,11 @@ class ConfigurationError(HtagError):
     """A setting is missing, malformed or out of range."""
 
 
+class StoreUnavailable(ConfigurationError):
+    """The session store cannot be opened (its directory, disk or database): a setting at
+    start-up, a 503 for the request that meets it at run time."""
+
+
 class ProtocolError(HtagError):
     """A frame broke the wire protocol (bad length, bad JSON, wrong shape)."""
 
@@ -38,6 +43,7 @@ class PoolFull(HtagError):
 __all__ = (
     "HtagError",
     "ConfigurationError",
+    "StoreUnavailable",
     "ProtocolError",
     "FrameTooLarge",
     "ProcessStartError",

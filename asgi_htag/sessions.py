@@ -33,7 +33,7 @@ import anyio.to_thread
 
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .config import PathLike, Secret, ensure_private_dir
-from .exceptions import ConfigurationError
+from .exceptions import ConfigurationError, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -392,8 +392,8 @@ class SQLiteStore(SessionStore):
                 except BaseException:
                     writer.close()
                     raise
-            except (OSError, sqlite3.Error) as exc:
-                raise ConfigurationError(f"cannot open the session store {self.path}: {exc}") from exc
+            except (OSError, sqlite3.Error, ConfigurationError) as exc:  # the latter: its directory's checks
+                raise StoreUnavailable(f"cannot open the session store {self.path}: {exc}") from exc
             st = os.stat(self.path)
             self._identity = (st.st_dev, st.st_ino)
             self._next_identity_check = _monotonic() + self._IDENTITY_CHECK_SECONDS
@@ -877,7 +877,7 @@ def store_failure(exc: BaseException) -> bool:
     """Whether ``exc`` says the session store failed (its disk is full or read-only, its
     database locked or corrupt, its server unreachable), not that the code using it is
     wrong (a value that is not JSON)."""
-    if isinstance(exc, (sqlite3.Error, OSError)):
+    if isinstance(exc, (sqlite3.Error, OSError, StoreUnavailable)):
         return True
     redis = sys.modules.get("redis.exceptions")  # only where a Redis store is in use
     return redis is not None and isinstance(exc, redis.RedisError)

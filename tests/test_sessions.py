@@ -719,6 +719,34 @@ def test_non_json_value_fails_at_response_start(app: SessionMiddleware) -> None:
         anyio.run(main)
 
 
+def test_a_store_that_cannot_be_opened_at_run_time_gets_a_503_not_a_traceback(tmp_path: Path) -> None:
+    """The state dir became unusable (here a file where the directory was; a read-only or
+    full disk, a removed dir): the store's first open in a worker fails. A returning
+    visitor and a new one writing its first value both get the 503 page, not a bare 500."""
+    from asgi_htag.exceptions import StoreUnavailable
+
+    (tmp_path / "state").write_text("not a directory")
+    store = SQLiteStore(tmp_path / "state" / "sessions.sqlite3")
+    with pytest.raises(StoreUnavailable, match="cannot open the session store") as info:
+        anyio.run(store.load, VALID_SID)
+    assert isinstance(info.value, ConfigurationError) and sessions.store_failure(info.value)
+    wrapped = SessionMiddleware(raw_app, store=store, secret=SECRET)
+    for path, cookie in (("/get/a", sign_sid(SECRET, VALID_SID)), ("/set/a/b", None)):
+        sent: List[Dict[str, Any]] = []
+
+        async def receive() -> Dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Dict[str, Any]) -> None:
+            sent.append(message)
+
+        headers = [] if cookie is None else [(b"cookie", f"{COOKIE}={cookie}".encode())]
+        anyio.run(wrapped, http_scope(path, headers), receive, send)
+        assert sent[0]["status"] == 503, (path, sent[0])
+        assert b"cannot keep sessions right now" in b"".join(m.get("body", b"") for m in sent[1:])
+        assert not set_cookies(sent[0])
+
+
 # -- Starlette ---------------------------------------------------------------------------
 
 
