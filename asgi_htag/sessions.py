@@ -302,6 +302,9 @@ class SQLiteStore(SessionStore):
         # Connections inherited through fork() belong to the parent: closing them here could
         # disturb its locks, so they are kept referenced and never touched again.
         self._inherited: List[sqlite3.Connection] = []
+        # writers of a database file replaced under us, closed by the next write (in the
+        # write thread, so never under a write still running on them)
+        self._retired: List[sqlite3.Connection] = []
         self._write_limiter: Optional["anyio.CapacityLimiter"] = None
         self._write_limiter_pid = 0
         self._identity: Optional[Tuple[int, int]] = None  # (device, inode) of the file opened
@@ -332,12 +335,15 @@ class SQLiteStore(SessionStore):
         self._expires = {}
         self._pid = pid
 
-    async def _ready(self) -> None:
+    async def _ready(self) -> sqlite3.Connection:
+        """Open the connections if needed; the reader, for an inline read."""
         self._check_pid()
         if self._reader is not None and _monotonic() >= self._next_identity_check:
             self._check_identity()
-        if self._reader is None or self._writer is None:
-            await anyio.to_thread.run_sync(self._open_sync)
+        reader = self._reader
+        if reader is None or self._writer is None:
+            reader = (await anyio.to_thread.run_sync(self._open_sync))[1]
+        return reader
 
     def _check_identity(self) -> None:
         """Every few seconds: is the file under our path still the one we have open? One
@@ -357,10 +363,14 @@ class SQLiteStore(SessionStore):
             self.path,
             "removed" if now is None else "replaced",
         )
-        # kept referenced, never used again: a write thread may still be inside one
-        self._inherited.extend(c for c in (self._reader, self._writer) if c is not None)
+        reader, writer = self._reader, self._writer
         self._reader = self._writer = None
         self._expires = {}
+        if writer is not None:
+            self._retired.append(writer)  # a write thread may be inside it right now
+        if reader is not None:
+            with self._read_lock:  # reads run inline, on this thread
+                reader.close()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(str(self.path), timeout=5.0, isolation_level=None, check_same_thread=False)
@@ -368,10 +378,11 @@ class SQLiteStore(SessionStore):
         conn.execute("PRAGMA synchronous = NORMAL")
         return conn
 
-    def _open_sync(self) -> None:
+    def _open_sync(self) -> Tuple[sqlite3.Connection, sqlite3.Connection]:
+        """(writer, reader), opened if they are not."""
         with self._open_lock:
             if self._reader is not None and self._writer is not None:
-                return
+                return self._writer, self._reader
             try:
                 ensure_private_dir(self.path.parent)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -399,6 +410,17 @@ class SQLiteStore(SessionStore):
             self._next_identity_check = _monotonic() + self._IDENTITY_CHECK_SECONDS
             self._writer, self._reader = writer, reader
             logger.debug("session store %s opened in pid %s", self.path, self._pid)
+            return writer, reader
+
+    def _writer_sync(self) -> sqlite3.Connection:
+        """In the write thread: the writer, opened again if the database file was replaced
+        since this write was queued."""
+        if self._retired:
+            with self._write_lock:
+                while self._retired:
+                    self._retired.pop().close()
+        conn = self._writer
+        return conn if conn is not None else self._open_sync()[0]
 
     def _remember(self, sid: str, expires: float) -> None:
         if len(self._expires) >= self._MAX_REMEMBERED_EXPIRIES:
@@ -417,10 +439,9 @@ class SQLiteStore(SessionStore):
         """See :meth:`SessionStore.load`. Runs inline: WAL readers do not wait for writers."""
         if not isinstance(sid, str):
             return None
-        await self._ready()
-        assert self._reader is not None
+        reader = await self._ready()
         with self._read_lock:
-            row = self._reader.execute("SELECT data, expires FROM sessions WHERE sid = ?", (sid,)).fetchone()
+            row = reader.execute("SELECT data, expires FROM sessions WHERE sid = ?", (sid,)).fetchone()
         if row is None or row[1] <= _now():
             return None
         data = _decode_data(row[0])
@@ -433,8 +454,7 @@ class SQLiteStore(SessionStore):
     def _apply_sync(
         self, sid: str, encoded: Dict[str, str], deleted: List[str], create: bool = True, lifetime: Optional[float] = None
     ) -> Optional[Dict[str, Any]]:
-        conn = self._writer
-        assert conn is not None
+        conn = self._writer_sync()
         with self._write_lock:
             now = _now()
             try:
@@ -486,8 +506,7 @@ class SQLiteStore(SessionStore):
         return await anyio.to_thread.run_sync(self._apply_sync, sid, encoded, removed, False, limiter=self._limiter())
 
     def _touch_sync(self, sid: str) -> None:
-        conn = self._writer
-        assert conn is not None
+        conn = self._writer_sync()
         with self._write_lock:
             now = _now()
             expires = now + self.max_age_seconds
@@ -508,8 +527,7 @@ class SQLiteStore(SessionStore):
         await anyio.to_thread.run_sync(self._touch_sync, sid, limiter=self._limiter())
 
     def _delete_sync(self, sid: str) -> None:
-        conn = self._writer
-        assert conn is not None
+        conn = self._writer_sync()
         with self._write_lock:
             conn.execute("DELETE FROM sessions WHERE sid = ?", (sid,))
             self._expires.pop(sid, None)
@@ -524,8 +542,7 @@ class SQLiteStore(SessionStore):
         return sids
 
     def _take_expired_sync(self, limit: int) -> List[str]:
-        conn = self._writer
-        assert conn is not None
+        conn = self._writer_sync()
         with self._write_lock:
             fresh: List[str] = []
             if len(self._expired) < limit:
@@ -557,6 +574,8 @@ class SQLiteStore(SessionStore):
 
     def _close_sync(self) -> None:
         with self._write_lock:
+            while self._retired:
+                self._retired.pop().close()
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None

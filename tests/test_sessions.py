@@ -1248,3 +1248,43 @@ def test_a_sqlite_state_dir_removed_under_a_worker_is_opened_again(tmp_path: Pat
     assert shared == {"who": "d"}, "both workers see one database again"
     # removed, then made again by the new worker: replaced, as the old one finds it
     assert f"the session database {path} was replaced while open" in caplog.text
+
+
+def test_a_write_queued_while_the_sqlite_file_is_replaced_goes_to_the_new_file(tmp_path: Path) -> None:
+    """A write that passed its readiness check waits for the one write thread; meanwhile
+    another request finds the file replaced and drops the connections. The write then
+    opens the new file instead of failing on a connection that is gone (an assertion, so a
+    bare 500), and the old file's connections are closed, not kept until the worker ends."""
+    path = tmp_path / "state" / "s.db"
+    store = SQLiteStore(path)
+
+    async def main() -> Tuple[Any, ...]:
+        await store.apply("a" * 20, {"who": "a"}, [])
+        old_writer, old_reader = store._writer, store._reader
+        limiter = store._limiter()
+        await limiter.acquire()  # the write thread is busy
+        results: List[Any] = []
+        async with anyio.create_task_group() as tg:
+
+            async def queued() -> None:
+                results.append(await store.apply("b" * 20, {"who": "b"}, []))
+
+            tg.start_soon(queued)
+            await anyio.wait_all_tasks_blocked()  # past _ready(), waiting for the thread
+            shutil.rmtree(tmp_path / "state")
+            store._check_identity()  # what another request's readiness check does
+            limiter.release()
+        after = await store.load("b" * 20)
+        await store.close()
+        return results, after, old_writer, old_reader
+
+    results, after, old_writer, old_reader = anyio.run(main)
+    assert results == [{"who": "b"}] and after == {"who": "b"}
+    db = sqlite3.connect(str(path))
+    try:
+        assert [r[0] for r in db.execute("SELECT sid FROM sessions")] == ["b" * 20], "in the file there now"
+    finally:
+        db.close()
+    for conn in (old_writer, old_reader):
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            conn.execute("SELECT 1")
