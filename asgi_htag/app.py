@@ -369,7 +369,7 @@ class Engine:
                 if exc.kind == "timeout":
                     return 504, _error_page(
                         "The application took too long to start",
-                        f"It did not start within {opts.timeout_interaction:g} s. Reload to try again.",
+                        "The server could not start it in time. Reload to try again.",
                     )
                 detail = str(exc) if opts.debug else "The application could not start."
                 return 500, _error_page("Application error", detail, pre=opts.debug)

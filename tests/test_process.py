@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import List, Tuple
 
 import anyio
 import pytest
@@ -1290,3 +1291,55 @@ def test_a_fork_server_out_of_descriptors_accepts_again_once_some_are_freed(runt
             proc.wait()
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             stream.close()
+
+
+def test_requests_queued_behind_a_stalled_fork_server_get_its_answer_together(runtime):
+    """While the fork server does not answer, the first request tries for
+    zygote_answer_seconds; those that waited meanwhile get its timeout at once instead of
+    each trying as long in turn (the k-th waiting k times that), no interpreter is started
+    beside the one that listens, and the next request after it answers again works."""
+
+    async def main() -> Tuple[List[str], int, int, int]:
+        first = ProcessPool(PoolConfig(runtime_dir=runtime, grace_seconds=1.0))
+        second = ProcessPool(PoolConfig(runtime_dir=runtime, grace_seconds=1.0, zygote_answer_seconds=1.0))
+        calls = {"hello": 0, "start": 0}
+        hello, start = second._hello, second._start_zygote
+
+        async def counted_hello():
+            calls["hello"] += 1
+            return await hello()
+
+        async def counted_start():
+            calls["start"] += 1
+            return await start()
+
+        second._hello, second._start_zygote = counted_hello, counted_start
+        kinds: List[str] = []
+        try:
+            await first.ensure_zygote()
+            zygote_pid = first._presence_pid
+            os.kill(zygote_pid, signal.SIGSTOP)
+            try:
+
+                async def request() -> None:
+                    try:
+                        await second.ensure_zygote()
+                    except ProcessStartError as exc:
+                        kinds.append(exc.kind)
+
+                async with anyio.create_task_group() as tg:
+                    for _ in range(3):
+                        tg.start_soon(request)
+            finally:
+                os.kill(zygote_pid, signal.SIGCONT)
+            info = await second.spawn(KEY, "tests.apps:Counter", [[], {}], {}, OPTS)
+            return kinds, calls["hello"], calls["start"], info["pid"]
+        finally:
+            await second.aclose()
+            await first.aclose()
+
+    kinds, hellos, starts, pid = anyio.run(main)
+    assert kinds == ["timeout"] * 3
+    assert hellos <= 3, f"one request tried (its hellos, then the one that worked): {hellos}"
+    assert starts == 0, "a fork server listens: no interpreter is started beside it"
+    assert pid > 0

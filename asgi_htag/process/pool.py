@@ -200,6 +200,10 @@ class ProcessPool:
         self._presence: Optional[SocketStream] = None
         self._presence_pid = 0
         self._lock: Optional[anyio.Lock] = None
+        # attempts to reach the fork server that have ended, and the last one's failure: a
+        # request that waited for the lock while one failed gets that answer at once
+        self._attempts_ended = 0
+        self._last_failure: Optional[ProcessStartError] = None
         self._idle: Dict[str, List[ChildConnection]] = {}
         self._idle_count = 0
         self.max_idle_total = 512
@@ -220,6 +224,7 @@ class ProcessPool:
         to it (the zygote lives while some worker holds one)."""
         if self._lock is None:
             self._lock = anyio.Lock()
+        seen = self._attempts_ended
         async with self._lock:
             if self._presence is not None:
                 if await self._presence_alive():
@@ -229,13 +234,20 @@ class ProcessPool:
                     "the fork server (pid %s) is gone, and every session process with it; starting a new one",
                     self._presence_pid,
                 )
+            elif self._attempts_ended > seen and self._last_failure is not None:
+                # one failed while we waited for the lock (it waited as long as another
+                # try would): its answer, rather than a queue of requests that each wait
+                # zygote_answer_seconds in turn
+                raise ProcessStartError(str(self._last_failure), self._last_failure.kind)
             self._presence = None
             await self.drop_idle(_ZYGOTE)  # they may lead to a zygote on its way out
+            self._last_failure = None
             deadline = time.monotonic() + self.config.zygote_answer_seconds
             started = False
             while True:
                 try:
                     stream, reply = await self._hello()
+                    self._attempts_ended += 1
                     break
                 except (*_STREAM_ERRORS, TimeoutError, ProtocolError) as exc:
                     # None answers, or one is on its way out: it stops listening first and
@@ -243,7 +255,13 @@ class ProcessPool:
                     # the one we start waits for that lock, then serves (READY). EXISTS: one
                     # started by another worker got there first; we ask it again.
                     if time.monotonic() > deadline:
-                        raise ProcessStartError(f"no fork server answers in {self._runtime}: {exc!r}", "timeout") from exc
+                        self._last_failure = ProcessStartError(f"no fork server answers in {self._runtime}: {exc!r}", "timeout")
+                        self._attempts_ended += 1
+                        raise self._last_failure from exc
+                    if isinstance(exc, TimeoutError):
+                        # it took the connection but did not answer: one listens, busy or
+                        # stalled; another interpreter would only find it there (EXISTS)
+                        continue
                     if started:
                         await anyio.sleep(0.2)
                     await self._start_zygote()
