@@ -1166,7 +1166,7 @@ def test_a_worker_that_starts_while_the_fork_server_is_stalled_still_starts(runt
     anyio.run(main)
 
 
-def test_a_leftover_the_fork_server_cannot_remove_does_not_end_other_sessions(runtime):
+def test_a_leftover_the_fork_server_cannot_remove_does_not_end_other_sessions(runtime, capfd):
     """When a process ends, the fork server removes its socket and busy mark; if that
     fails (the runtime dir's permissions changed, a directory where the file was), it says
     so and carries on: before, the error stopped it and every session with it."""
@@ -1195,6 +1195,9 @@ def test_a_leftover_the_fork_server_cannot_remove_does_not_end_other_sessions(ru
         shutil.rmtree(busy)
 
     run(scenario, runtime)
+    err = capfd.readouterr().err  # the fork server's log (it inherited our stderr)
+    assert "cannot remove" in err and "Is a directory" in err
+    assert "could not handle" not in err, "the exit was handled whole, not dropped half-way by the loop's last resort"
 
 
 def test_a_runtime_dir_removed_under_a_running_server_is_made_again(runtime, caplog):
