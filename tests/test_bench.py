@@ -36,6 +36,9 @@ def test_quick_benchmark_runs_and_loses_nothing(tmp_path):
         assert r["ws"]["final_count_ok"], f"{name}: a click was lost"
         assert r["hol"]["bad_answers"] == 0
         assert set(r["hol"]["burst_statuses"]) == {"200"}, r["hol"]["burst_statuses"]
+        # one quiet reference per burst round, over as many clicks as that round's window
+        assert len(r["hol"]["quiet_worst_per_round_ms"]) == len(r["hol"]["clicks_per_window"]) == res["params"]["hol_rounds"]
+        assert sum(r["hol"]["clicks_per_window"]) == r["hol"]["clicks_in_window"] > 0
         assert [t["sessions"] for t in r["throughput"]] == [1, 10, 50]
         assert all(t["bad_answers"] == 0 and t["interactions_per_s"] > 0 for t in r["throughput"])
         for m in r["memory"]:
