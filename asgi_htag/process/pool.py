@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import anyio
-from anyio.abc import SocketStream
+from anyio.abc import SocketStream, UNIXSocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from ..config import ensure_private_dir
@@ -86,7 +87,12 @@ class _UnixStream:
 
     @classmethod
     async def connect(cls, path: str) -> "_UnixStream":
-        transport, proto = await asyncio.get_running_loop().create_unix_connection(_ReadBuffer, path)
+        sock = await _connect_unix(path)
+        try:
+            transport, proto = await asyncio.get_running_loop().create_unix_connection(_ReadBuffer, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         return cls(transport, proto)  # type: ignore[arg-type]
 
     async def send(self, data: bytes) -> None:
@@ -108,6 +114,49 @@ class _UnixStream:
 
     async def aclose(self) -> None:
         self._transport.close()
+
+
+_HELLO_SECONDS = 10.0  # the longest one hello to the fork server may take (within zygote_answer_seconds)
+_CONNECT_RETRY_FIRST, _CONNECT_RETRY_MAX = 0.005, 0.1  # seconds between connects to a full backlog
+
+
+async def _connect_unix(path: str) -> socket.socket:
+    """A non-blocking Unix stream socket connected to ``path``.
+
+    A Unix connect completes at once or fails, except against a listener whose backlog is
+    full (it is stalled, or out of descriptors and not accepting for a moment): then it
+    fails with EAGAIN, and the socket, still unconnected, polls writable, so waiting for
+    writability (what anyio's and asyncio's connects do) turns into a busy loop. This
+    retries after a pause instead, 5 ms doubling up to 100 ms, until it connects or the
+    caller's deadline cancels it. Not on the click path: a websocket connects once.
+
+    Raises:
+        OSError: no socket file, nobody listening (ECONNREFUSED), and the like.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        delay = _CONNECT_RETRY_FIRST
+        while True:
+            try:
+                sock.connect(path)
+                return sock
+            except BlockingIOError:
+                await anyio.sleep(delay)
+                delay = min(delay * 2, _CONNECT_RETRY_MAX)
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def _anyio_connect(path: str) -> UNIXSocketStream:
+    """:func:`_connect_unix` as an anyio stream."""
+    sock = await _connect_unix(path)
+    try:
+        return await UNIXSocketStream.from_socket(sock)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _on_asyncio() -> bool:
@@ -217,7 +266,7 @@ class ProcessPool:
 
     # --- zygote -----------------------------------------------------------------------
     async def _zygote_connect(self) -> SocketStream:
-        return await anyio.connect_unix(self.socket_path(_ZYGOTE))
+        return await _anyio_connect(self.socket_path(_ZYGOTE))
 
     async def ensure_zygote(self) -> None:
         """Make sure a zygote serves our runtime dir and that we hold a presence connection
@@ -246,7 +295,7 @@ class ProcessPool:
             started = False
             while True:
                 try:
-                    stream, reply = await self._hello()
+                    stream, reply = await self._hello(max(0.05, min(_HELLO_SECONDS, deadline - time.monotonic())))
                     self._attempts_ended += 1
                     break
                 except (*_STREAM_ERRORS, TimeoutError, ProtocolError) as exc:
@@ -271,18 +320,21 @@ class ProcessPool:
             if self._apps:
                 await self._preload(sorted(self._apps))
 
-    async def _hello(self) -> Tuple[SocketStream, Dict[str, Any]]:
-        """A connection to the zygote that has answered our hello, and its answer."""
-        stream = await self._zygote_connect()
+    async def _hello(self, timeout: float) -> Tuple[SocketStream, Dict[str, Any]]:
+        """A connection to the zygote that has answered our hello, and its answer, within
+        ``timeout`` seconds, the connect included (TimeoutError)."""
+        stream: Optional[SocketStream] = None
         try:
-            rx = BufferedByteReceiveStream(stream)
-            with anyio.fail_after(min(10.0, self.config.zygote_answer_seconds)):
+            with anyio.fail_after(timeout):
+                stream = await self._zygote_connect()
+                rx = BufferedByteReceiveStream(stream)
                 await stream.send(wire.encode({"op": "hello", "settings": self.settings()}))
                 header = await rx.receive_exactly(wire.HEADER_SIZE)
                 reply = wire.decode_payload(await rx.receive_exactly(wire.decode_length(header)))
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await stream.aclose()
+            if stream is not None:
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
             raise
         return stream, reply
 
@@ -435,7 +487,7 @@ class ProcessPool:
                 if _on_asyncio():
                     stream: "SocketStream | _UnixStream" = await _UnixStream.connect(path)
                 else:
-                    stream = await anyio.connect_unix(path)
+                    stream = await _anyio_connect(path)
         except (OSError, TimeoutError) as exc:
             raise ProcessGone(f"no process for {key[:8]}") from exc
         conn = ChildConnection(key, stream, self.config.max_frame_bytes)
