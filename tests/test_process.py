@@ -1,5 +1,6 @@
 """The fork server and the per-session processes, driven directly over their Unix sockets
 with well-formed and hostile frames."""
+import fcntl
 import json
 import os
 import shutil
@@ -1444,3 +1445,43 @@ def test_a_hello_to_a_fork_server_with_a_full_backlog_times_out(runtime, monkeyp
             c.close()
         listener.close()
     assert 2 <= _CountingSocket.connects <= 12, _CountingSocket.connects
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_helper_the_app_forks_at_import_does_not_keep_sessions_alive_after_the_fork_server(runtime, monkeypatch):
+    """An app's module that forks a helper when the fork server imports it (a
+    multiprocessing pool started at import) gave the helper the life pipe's write end and
+    the lifetime lock: session processes outlived a killed fork server (no EOF), and a new
+    fork server waited for the lock. Every child of the fork server now closes them."""
+    pidfile = runtime / "helper.pid"
+    monkeypatch.setenv("ASGI_HTAG_TEST_HELPER_PIDFILE", str(pidfile))
+
+    async def main() -> Tuple[int, int]:
+        # a long grace: the fork server, left by its worker, would not end sessions before the kill
+        pool = ProcessPool(PoolConfig(runtime_dir=runtime, grace_seconds=60.0))
+        try:
+            info = await pool.spawn(KEY, "tests.forking_app:App", [[], {}], {}, OPTS)
+            return info["pid"], pool._presence_pid
+        finally:
+            await pool.aclose()
+
+    session_pid, zygote_pid = anyio.run(main)
+    helper_pid = int(pidfile.read_text())
+    assert _alive(helper_pid) and _alive(session_pid)
+    os.kill(zygote_pid, signal.SIGKILL)
+    for _ in range(200):  # bounded by the test's timeout: the EOF comes at once
+        if not _alive(session_pid):
+            break
+        time.sleep(0.05)
+    assert not _alive(session_pid), "the session process outlived its fork server"
+    assert _alive(helper_pid), "the helper lives on (the app's business), holding nothing of ours"
+    with open(runtime / "zygote.life.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: a new fork server need not wait
+

@@ -161,6 +161,7 @@ class Zygote:
         # error took out of the selector for a moment: descriptor -> (its tag, when it returns)
         self.paused: Dict[Any, Tuple[str, float]] = {}
         self.accept_failing = False
+        self._forgotten = False  # set in a child once it has closed what is ours
 
     # --- start-up ---------------------------------------------------------------------
     def acquire(self, wait_seconds: float = 20.0) -> bool:
@@ -743,7 +744,11 @@ class Zygote:
 
     def _forget_in_child(self) -> None:
         """In a fresh child: close (cleanly, through their Python objects) every descriptor
-        of the zygote, so nothing of it leaks into the app process."""
+        of the zygote, so nothing of it leaks into the app process. Runs once per process
+        (see :meth:`forget_in_every_child`); its children have nothing more to forget."""
+        if self._forgotten:
+            return
+        self._forgotten = True
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
@@ -766,6 +771,23 @@ class Zygote:
             self.forker.close()
         # the zygote's objects stay frozen here: a full collection in the child would touch
         # (and so copy) every page they live on
+
+    def forget_in_every_child(self, status: Any) -> None:
+        """Have every process forked from ours forget the zygote, ``status`` (the worker's
+        pipe, until READY) included: not only the forker, but a helper the app's module forks
+        when it is imported (``multiprocessing.Pool()``, a bare ``os.fork()``). Such a helper
+        kept the life pipe's write end, so session processes outlived a killed fork server,
+        and the lifetime lock, which kept a new one waiting for it."""
+
+        def after_fork_in_child() -> None:
+            try:
+                self._forget_in_child()
+                if not status.closed:
+                    status.close()
+            except Exception:  # never a reason for an app's fork to fail
+                logger.debug("could not close the fork server's descriptors in a child", exc_info=True)
+
+        os.register_at_fork(after_in_child=after_fork_in_child)
 
     def _on_ready(self, fd: int) -> None:
         child = self.by_ready_fd.get(fd)
@@ -1384,6 +1406,7 @@ def main(argv: List[str]) -> int:
     if not zygote.acquire():
         _say(status, "EXISTS")
         return 0
+    zygote.forget_in_every_child(status)  # before any app's module runs here
     # preload what every child needs, once
     import asyncio  # noqa: F401
     import htag.render  # noqa: F401
