@@ -3,6 +3,7 @@ with well-formed and hostile frames."""
 import fcntl
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -17,7 +18,7 @@ from typing import List, Tuple
 import anyio
 import pytest
 
-from asgi_htag.exceptions import ProcessGone, ProcessStartError
+from asgi_htag.exceptions import PoolFull, ProcessGone, ProcessStartError
 from asgi_htag.process import pool as pool_module
 from asgi_htag.process import wire
 from asgi_htag.process.pool import _ZYGOTE as ZYGOTE
@@ -1485,3 +1486,43 @@ def test_a_helper_the_app_forks_at_import_does_not_keep_sessions_alive_after_the
     with open(runtime / "zygote.life.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: a new fork server need not wait
 
+
+def _lowest_free_fd(pid: int) -> int:
+    used = {int(n) for n in os.listdir(f"/proc/{pid}/fd")}
+    return next(n for n in range(len(used) + 1) if n not in used)
+
+
+@pytest.mark.parametrize("who", ["fork server", "forker"])
+def test_out_of_descriptors_a_new_session_gets_a_busy_answer_and_the_forker_lives_on(runtime, who):
+    """With no descriptor left in the fork server (for the start-up pipe) or in its forker
+    (to receive it), a new session is refused as when the host is full (a 503 page), the
+    forker is kept, its sessions live on, and once descriptors are free again new sessions
+    start. Before, the fork server took it for a broken forker and killed it, and the page
+    got "the application failed"."""
+
+    async def main() -> Tuple[int, int, int, bool]:
+        pool = ProcessPool(PoolConfig(runtime_dir=runtime, grace_seconds=1.0))
+        try:
+            first = await pool.spawn(KEY, "tests.apps:Counter", [[], {}], {}, OPTS)
+            stats = await pool.stats()
+            forker = stats["forker"]
+            target = stats["pid"] if who == "fork server" else forker
+            soft, hard = resource.prlimit(target, resource.RLIMIT_NOFILE)
+            resource.prlimit(target, resource.RLIMIT_NOFILE, (_lowest_free_fd(target), hard))
+            refused = False
+            try:
+                await pool.spawn("1" * 20, "tests.apps:Counter", [[], {}], {}, OPTS)
+            except PoolFull:
+                refused = True
+            finally:
+                resource.prlimit(target, resource.RLIMIT_NOFILE, (soft, hard))
+            again = await pool.spawn("2" * 20, "tests.apps:Counter", [[], {}], {}, OPTS)
+            after = await pool.stats()
+            return forker, after["forker"], again["pid"], refused and _alive(first["pid"])
+        finally:
+            await pool.aclose()
+
+    forker, forker_after, pid, refused_and_alive = anyio.run(main)
+    assert refused_and_alive
+    assert forker_after == forker, "the forker was kept"
+    assert pid > 0

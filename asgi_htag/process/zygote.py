@@ -629,14 +629,24 @@ class Zygote:
             "opts": msg.get("opts") or {},
             "sock_path": socket_path(self.runtime_dir, key),
         }
-        ready_r = ready_w = -1
         try:
             self._ensure_forker()  # before the pipe: the forker, forked from us, must not hold it
             ready_r, ready_w = os.pipe()
+        except OSError as exc:
+            # out of descriptors, memory or processes: nothing was asked of a forker, so one
+            # that runs is left as it is, and the page is told the server is busy
+            logger.error("cannot start a process for %s: %s", key[:8], exc)
+            if exc.errno in _OUT_OF_RESOURCES:
+                reply = {"ok": False, "error": "full", "message": f"the server is out of resources ({exc.strerror})"}
+            else:
+                reply = {"ok": False, "error": "crash", "message": f"cannot start the app process: {exc}"}
+            for w in [conn] + waiters:
+                self._reply(w, reply)
+            return
+        try:
             pid, pidfd, loaded_from = self._fork(spec, ref, ready_w)
         except (OSError, ValueError, socket.timeout, ProcessStartError, FrameTooLarge) as exc:
-            if ready_r >= 0:
-                os.close(ready_r)
+            os.close(ready_r)
             if isinstance(exc, socket.timeout):
                 exc = socket.timeout(
                     "the forker did not answer in 30 s (an app that takes that long to import?); it is replaced, "
@@ -645,16 +655,15 @@ class Zygote:
             logger.error("cannot fork a process for %s: %s", key[:8], exc)
             if not isinstance(exc, (ProcessStartError, FrameTooLarge)):
                 self._drop_forker()  # the exchange with it broke off: start afresh
-            if isinstance(exc, ProcessStartError) and exc.kind == "import":
-                reply = {"ok": False, "error": "import", "message": str(exc)}
+            if isinstance(exc, ProcessStartError) and exc.kind in ("import", "full"):
+                reply = {"ok": False, "error": exc.kind, "message": str(exc)}
             else:
                 reply = {"ok": False, "error": "crash", "message": f"cannot start the app process: {exc}"}
             for w in [conn] + waiters:
                 self._reply(w, reply)
             return
         finally:
-            if ready_w >= 0:
-                os.close(ready_w)
+            os.close(ready_w)
         if loaded_from and loaded_from not in self.stamps:
             self.stamps[loaded_from] = _stamp(loaded_from)  # the forker imported it: watch it too
         child = Child(key, pid, pidfd, token, init, ready_r, time.monotonic() + self.start_timeout)
@@ -682,16 +691,23 @@ class Zygote:
         frame = wire.encode({"app": ref}, CONTROL_MAX_FRAME_BYTES, raw=json.dumps(spec, separators=(",", ":")).encode())
         socket.send_fds(sock, [frame[: wire.HEADER_SIZE]], [ready_w])
         sock.sendall(frame[wire.HEADER_SIZE :])
-        data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 1)
+        data, fds, flags, _addr = socket.recv_fds(sock, 65536, 1)
         if not data:
             raise ConnectionError("the forker closed its connection")
         reply = json.loads(data)
+        if reply.get("ok") and not fds and flags & socket.MSG_CTRUNC and isinstance(reply.get("pid"), int):
+            # forked, but its pidfd did not reach us (we are out of descriptors): a process
+            # we cannot watch is not kept (it is the forker's child: the forker reaps it)
+            try:
+                os.kill(reply["pid"], signal.SIGKILL)
+            except OSError:
+                pass
+            raise ProcessStartError("the fork server is out of file descriptors", "full")
         if not reply.get("ok") or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
-            raise ProcessStartError(
-                str(reply.get("message") or "the forker did not fork"), "import" if reply.get("error") == "import" else "crash"
-            )
+            kind = reply.get("error") if reply.get("error") in ("import", "full") else "crash"
+            raise ProcessStartError(str(reply.get("message") or "the forker did not fork"), kind)
         loaded_from = reply.get("file")
         return int(reply["pid"]), fds[0], loaded_from if isinstance(loaded_from, str) else None
 
@@ -700,7 +716,12 @@ class Zygote:
             return self.forker
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         gc.freeze()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:  # out of processes or memory: nothing started, nothing kept
+            ours.close()
+            theirs.close()
+            raise
         if pid == 0:  # pragma: no cover - runs in the forker
             code = 1
             try:
@@ -713,9 +734,16 @@ class Zygote:
             finally:
                 os._exit(code)
         theirs.close()
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # out of descriptors: a forker we could not watch is not kept
+            ours.close()  # it exits on EOF
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
         ours.settimeout(30.0)
         self.forker, self.forker_pid = ours, pid
-        self.forker_pidfd = os.pidfd_open(pid)
+        self.forker_pidfd = pidfd
         self.sel.register(self.forker_pidfd, selectors.EVENT_READ, "forker")
         logger.debug("forker %s started", pid)
         return ours
@@ -1181,6 +1209,8 @@ def _reap_children() -> None:
 # _fill_partial_pools. Kept for the forker's life, never touched again.
 _FILLERS: List[Any] = []
 _ACCEPT_LATER = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+# what makes a new process impossible for now, though nothing is broken: the page gets a 503
+_OUT_OF_RESOURCES = _ACCEPT_LATER | {errno.EAGAIN}
 
 
 def _mallocstats() -> str:
@@ -1287,7 +1317,7 @@ def _forker_main(
     _prepare_heap_for_forks()
     while True:
         try:
-            head, fds, _flags, _addr = socket.recv_fds(sock, 4, 1)
+            head, fds, flags, _addr = socket.recv_fds(sock, 4, 1)
             if not head:
                 return
             head += _recv_exactly(sock, wire.HEADER_SIZE - len(head))
@@ -1298,7 +1328,10 @@ def _forker_main(
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)
-            socket.send_fds(sock, [b'{"ok": false, "message": "no start-up pipe"}'], [])
+            if flags & socket.MSG_CTRUNC:  # the pipe was sent, but we are out of descriptors
+                sock.sendall(_fork_failed(OSError(errno.EMFILE, os.strerror(errno.EMFILE))))
+            else:
+                socket.send_fds(sock, [b'{"ok": false, "message": "no start-up pipe"}'], [])
             continue
         ready_w = fds[0]
         ref = str(request.get("app"))
@@ -1315,7 +1348,13 @@ def _forker_main(
         # SIGCHLD waits until the pidfd is open: the child cannot be reaped before it is.
         signal.pthread_sigmask(signal.SIG_BLOCK, chld)
         gc.freeze()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # out of processes or memory: this one is refused, we go on
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, chld)
+            os.close(ready_w)
+            sock.sendall(_fork_failed(exc))
+            continue
         if pid == 0:
             code = 1
             try:
@@ -1339,6 +1378,11 @@ def _forker_main(
         os.close(ready_w)
         try:
             pidfd = os.pidfd_open(pid)
+        except OSError as exc:  # out of descriptors: a process that cannot be handed over is not kept
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            sock.sendall(_fork_failed(exc))
+            continue
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, chld)
         try:
@@ -1348,6 +1392,13 @@ def _forker_main(
             return
         finally:
             os.close(pidfd)
+
+
+def _fork_failed(exc: OSError) -> bytes:
+    """The forker's answer when it could not fork (or hand over) a process: ``full`` when
+    the host is out of processes, memory or descriptors (the page gets a 503)."""
+    kind = "full" if exc.errno in _OUT_OF_RESOURCES else "crash"
+    return json.dumps({"ok": False, "error": kind, "message": f"cannot fork: {exc.strerror or exc}"}).encode()
 
 
 def _child_main(spec: Dict[str, Any], cls: type, client_js: str, ready_fd: int, life_fd: int = -1) -> None:  # pragma: no cover
