@@ -1483,8 +1483,11 @@ def test_a_helper_the_app_forks_at_import_does_not_keep_sessions_alive_after_the
         time.sleep(0.05)
     assert not _alive(session_pid), "the session process outlived its fork server"
     assert _alive(helper_pid), "the helper lives on (the app's business), holding nothing of ours"
-    with open(runtime / "zygote.life.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: a new fork server need not wait
+    try:
+        with open(runtime / "zygote.life.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: a new fork server need not wait
+    finally:
+        os.kill(helper_pid, signal.SIGKILL)
 
 
 def _lowest_free_fd(pid: int) -> int:
@@ -1492,13 +1495,15 @@ def _lowest_free_fd(pid: int) -> int:
     return next(n for n in range(len(used) + 1) if n not in used)
 
 
-@pytest.mark.parametrize("who", ["fork server", "forker"])
-def test_out_of_descriptors_a_new_session_gets_a_busy_answer_and_the_forker_lives_on(runtime, who):
-    """With no descriptor left in the fork server (for the start-up pipe) or in its forker
-    (to receive it), a new session is refused as when the host is full (a 503 page), the
-    forker is kept, its sessions live on, and once descriptors are free again new sessions
-    start. Before, the fork server took it for a broken forker and killed it, and the page
-    got "the application failed"."""
+@pytest.mark.parametrize("who, room", [("fork server", 0), ("fork server", 2), ("forker", 0)],
+                         ids=["fork server: no pipe", "fork server: no pidfd", "forker: no pipe"])
+def test_out_of_descriptors_a_new_session_gets_a_busy_answer_and_the_forker_lives_on(runtime, who, room):
+    """With no descriptor left in the fork server (for the start-up pipe, or with room for
+    that pipe only, for the new process's pidfd) or in its forker (to receive the pipe), a
+    new session is refused as when the host is full (a 503 page), the forker is kept, its
+    sessions live on, nothing is left under the refused session's name, and once
+    descriptors are free again new sessions start. Before, the fork server took it for a
+    broken forker and killed it, and the page got "the application failed"."""
 
     async def main() -> Tuple[int, int, int, bool]:
         pool = ProcessPool(PoolConfig(runtime_dir=runtime, grace_seconds=1.0))
@@ -1508,7 +1513,7 @@ def test_out_of_descriptors_a_new_session_gets_a_busy_answer_and_the_forker_live
             forker = stats["forker"]
             target = stats["pid"] if who == "fork server" else forker
             soft, hard = resource.prlimit(target, resource.RLIMIT_NOFILE)
-            resource.prlimit(target, resource.RLIMIT_NOFILE, (_lowest_free_fd(target), hard))
+            resource.prlimit(target, resource.RLIMIT_NOFILE, (_lowest_free_fd(target) + room, hard))
             refused = False
             try:
                 await pool.spawn("1" * 20, "tests.apps:Counter", [[], {}], {}, OPTS)
@@ -1516,6 +1521,8 @@ def test_out_of_descriptors_a_new_session_gets_a_busy_answer_and_the_forker_live
                 refused = True
             finally:
                 resource.prlimit(target, resource.RLIMIT_NOFILE, (soft, hard))
+            refused = refused and (await pool.stats())["pids"] == [first["pid"]]
+            refused = refused and not list(runtime.glob("1" * 20 + ".*"))
             again = await pool.spawn("2" * 20, "tests.apps:Counter", [[], {}], {}, OPTS)
             after = await pool.stats()
             return forker, after["forker"], again["pid"], refused and _alive(first["pid"])

@@ -292,10 +292,15 @@ class ProcessPool:
             await self.drop_idle(_ZYGOTE)  # they may lead to a zygote on its way out
             self._last_failure = None
             deadline = time.monotonic() + self.config.zygote_answer_seconds
-            started = False
+            budget = min(_HELLO_SECONDS, self.config.zygote_answer_seconds)
+            started = just_started = False
             while True:
                 try:
-                    stream, reply = await self._hello(max(0.05, min(_HELLO_SECONDS, deadline - time.monotonic())))
+                    # what is left until the deadline, but the whole budget for the first hello
+                    # to one we just started: its start (the app's imports) may have used it up
+                    timeout = budget if just_started else max(0.05, min(budget, deadline - time.monotonic()))
+                    just_started = False
+                    stream, reply = await self._hello(timeout)
                     self._attempts_ended += 1
                     break
                 except (*_STREAM_ERRORS, TimeoutError, ProtocolError) as exc:
@@ -314,7 +319,7 @@ class ProcessPool:
                     if started:
                         await anyio.sleep(0.2)
                     await self._start_zygote()
-                    started = True
+                    started = just_started = True
             self._presence = stream
             self._presence_pid = int(reply.get("pid", 0))
             if self._apps:

@@ -702,6 +702,8 @@ class Zygote:
                 os.kill(reply["pid"], signal.SIGKILL)
             except OSError:
                 pass
+            if spec["key"] not in self.children:  # what it may have made under its name
+                self._remove_files(spec["key"])
             raise ProcessStartError("the fork server is out of file descriptors", "full")
         if not reply.get("ok") or len(fds) != 1:
             for fd in fds:
@@ -776,7 +778,6 @@ class Zygote:
         (see :meth:`forget_in_every_child`); its children have nothing more to forget."""
         if self._forgotten:
             return
-        self._forgotten = True
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
@@ -797,6 +798,7 @@ class Zygote:
             f.close()
         if self.forker is not None:
             self.forker.close()
+        self._forgotten = True  # only now: a call that failed half-way is made again (each close is idempotent)
         # the zygote's objects stay frozen here: a full collection in the child would touch
         # (and so copy) every page they live on
 
@@ -816,6 +818,17 @@ class Zygote:
                 logger.debug("could not close the fork server's descriptors in a child", exc_info=True)
 
         os.register_at_fork(after_in_child=after_fork_in_child)
+
+    def _remove_files(self, key: str) -> None:
+        """Remove the socket and busy mark of ``key``'s process (gone, and not replaced)."""
+        sock = socket_path(self.runtime_dir, key)
+        for leftover in (sock, wire.busy_path(sock)):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # the runtime dir's permissions changed under us
+                logger.warning("cannot remove %s: %s", leftover, exc)
 
     def _on_ready(self, fd: int) -> None:
         child = self.by_ready_fd.get(fd)
@@ -933,14 +946,7 @@ class Zygote:
         if owner is child:
             del self.children[child.key]
         if owner is None or owner is child:  # (None: killed by _kill) no replacement owns the name
-            sock = socket_path(self.runtime_dir, child.key)
-            for leftover in (sock, wire.busy_path(sock)):
-                try:
-                    os.unlink(leftover)
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:  # the runtime dir's permissions changed under us
-                    logger.warning("cannot remove %s: %s", leftover, exc)
+            self._remove_files(child.key)
         if child.waiters:
             if timed_out:
                 reply = {"ok": False, "error": "timeout", "message": "the app took too long to start"}
