@@ -617,8 +617,7 @@ class Zygote:
                 self._app(ref)
             except Exception as exc:
                 logger.error("cannot load app %r: %s", ref, exc)
-                for w in [conn] + waiters:
-                    self._reply(w, {"ok": False, "error": "import", "message": f"cannot load the app: {exc}"})
+                self._refuse([conn] + waiters, "import", f"cannot load the app: {exc}")
                 return
         token = secrets.token_urlsafe(18)
         spec = {
@@ -637,11 +636,9 @@ class Zygote:
             # that runs is left as it is, and the page is told the server is busy
             logger.error("cannot start a process for %s: %s", key[:8], exc)
             if exc.errno in _OUT_OF_RESOURCES:
-                reply = {"ok": False, "error": "full", "message": f"the server is out of resources ({exc.strerror})"}
+                self._refuse([conn] + waiters, "full", f"the server is out of resources ({exc.strerror})")
             else:
-                reply = {"ok": False, "error": "crash", "message": f"cannot start the app process: {exc}"}
-            for w in [conn] + waiters:
-                self._reply(w, reply)
+                self._refuse([conn] + waiters, "crash", f"cannot start the app process: {exc}")
             return
         try:
             pid, pidfd, loaded_from = self._fork(spec, ref, ready_w)
@@ -656,11 +653,9 @@ class Zygote:
             if not isinstance(exc, (ProcessStartError, FrameTooLarge)):
                 self._drop_forker()  # the exchange with it broke off: start afresh
             if isinstance(exc, ProcessStartError) and exc.kind in ("import", "full"):
-                reply = {"ok": False, "error": exc.kind, "message": str(exc)}
+                self._refuse([conn] + waiters, exc.kind, str(exc))
             else:
-                reply = {"ok": False, "error": "crash", "message": f"cannot start the app process: {exc}"}
-            for w in [conn] + waiters:
-                self._reply(w, reply)
+                self._refuse([conn] + waiters, "crash", f"cannot start the app process: {exc}")
             return
         finally:
             os.close(ready_w)
@@ -677,6 +672,12 @@ class Zygote:
         self.sel.register(pidfd, selectors.EVENT_READ, "pidfd")
         self.sel.register(ready_r, selectors.EVENT_READ, "ready")
         logger.debug("forked process %s for %s", pid, key[:8])
+
+    def _refuse(self, conns: List[socket.socket], kind: str, message: str) -> None:
+        """Answer the spawn requests on ``conns`` with an error of ``kind`` (full, import, crash)."""
+        reply = {"ok": False, "error": kind, "message": message}
+        for conn in conns:
+            self._reply(conn, reply)
 
     # --- the forker -------------------------------------------------------------------
     def _fork(self, spec: Dict[str, Any], ref: str, ready_w: int) -> Tuple[int, int, Optional[str]]:
