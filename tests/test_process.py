@@ -2,6 +2,7 @@
 with well-formed and hostile frames."""
 import fcntl
 import json
+import logging
 import os
 import resource
 import shutil
@@ -17,6 +18,7 @@ from typing import List, Tuple
 
 import anyio
 import pytest
+from anyio.abc import UNIXSocketStream
 
 from asgi_htag.exceptions import PoolFull, ProcessGone, ProcessStartError
 from asgi_htag.process import pool as pool_module
@@ -286,6 +288,80 @@ def test_an_app_file_touched_but_not_changed_keeps_the_fork_server_and_its_sessi
     zygote, stats, live, fresh = run(scenario, runtime)
     assert stats["pid"] == zygote, "the same fork server"
     assert live["pid"] in stats["pids"] and fresh["pid"] in stats["pids"]
+
+
+def test_other_workers_log_a_fork_server_retired_for_new_code_as_planned_not_as_gone(runtime, tmp_path, monkeypatch, caplog):
+    """After an edit of the app, the worker whose request finds it restarts the fork
+    server; every other worker finds its presence connection closed at its next request.
+    The fork server says why on that connection before it goes, so they log that it
+    retired (INFO), not that it "is gone, and every session process with it" (a WARNING
+    an operator would take for a crash) on every deploy."""
+    caplog.set_level(logging.INFO, logger="asgi_htag")
+    name, path, _log = _late_module(tmp_path, monkeypatch)
+
+    async def main() -> Tuple[int, int, int]:
+        first = ProcessPool(PoolConfig(runtime_dir=runtime, grace_seconds=1.0))
+        second = ProcessPool(PoolConfig(runtime_dir=runtime, grace_seconds=1.0))
+        try:
+            await first.spawn("a" * 20, f"{name}:Late", [[], {}], {}, OPTS)
+            await second.ensure_zygote()
+            old = second._presence_pid
+            path.write_text(path.read_text().replace("VERSION = 'v1'", "VERSION = 'v2-edited'"))
+            await first.spawn("b" * 20, f"{name}:Late", [[], {}], {}, OPTS)  # stale: restarted
+            for _ in range(100):  # the old one is gone (its sockets closed) once it has ended its processes
+                if _gone(old):
+                    break
+                await anyio.sleep(0.05)
+            info = await second.spawn("c" * 20, f"{name}:Late", [[], {}], {}, OPTS)
+            return old, second._presence_pid, info["pid"]
+        finally:
+            await second.aclose()
+            await first.aclose()
+
+    old, new, pid = anyio.run(main)
+    assert new != old and pid > 0
+    assert f"the fork server (pid {old}) has retired (the app's code changed); starting a new one" in caplog.text
+    assert "is gone, and every session process with it" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "sent, expected",
+    [
+        (None, None),  # nothing written: it lives
+        (b"", ""),  # EOF: gone without a word
+        (wire.encode({"t": "retiring", "reason": "the app's code changed"}), "the app's code changed"),
+        (wire.encode({"t": "retiring", "reason": "x" * 1000}), "x" * 200),  # cut
+        (wire.encode({"t": "retiring", "reason": 123}), ""),  # not a text
+        (wire.encode({"t": "retiring", "reason": ""}), "no reason given"),
+        (wire.encode({"t": "pong"}), ""),  # some other frame
+        (b"\x00\x00\x00\x05{oops", ""),  # not JSON
+        (b"\xff\xff\xff\xff" + b"x" * 100, ""),  # a length over the limit
+        (b"\x00\x00\x10\x00" + b"{" * 50, ""),  # announces more than arrives
+        (b"\x00\x00", ""),  # a truncated header
+    ],
+    ids=["alive", "eof", "retiring", "long reason", "reason not text", "empty reason", "other frame",
+         "not json", "oversized", "truncated payload", "truncated header"],
+)
+def test_what_a_presence_connection_says_when_the_fork_server_goes(sent, expected):
+    """The worker reads at most one frame from a presence connection that became readable:
+    the fork server's RETIRING notice gives its reason; EOF, garbage, an oversized or
+    truncated frame or any other frame mean it went without a word (a WARNING), and never
+    raise."""
+
+    async def main():
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pool = ProcessPool(PoolConfig(runtime_dir=Path(tempfile.gettempdir())))
+        pool._presence = await UNIXSocketStream.from_socket(ours)
+        try:
+            if sent is not None:
+                theirs.sendall(sent)
+                theirs.close()
+            return await pool._presence_alive()
+        finally:
+            theirs.close()
+            await pool._presence.aclose()
+
+    assert anyio.run(main) == expected
 
 
 def _gone(pid: int) -> bool:

@@ -276,13 +276,16 @@ class ProcessPool:
         seen = self._attempts_ended
         async with self._lock:
             if self._presence is not None:
-                if await self._presence_alive():
+                retired = await self._presence_alive()
+                if retired is None:
                     return
-                # not a restart of ours (that drops the presence first): it died or was killed
-                logger.warning(
-                    "the fork server (pid %s) is gone, and every session process with it; starting a new one",
-                    self._presence_pid,
-                )
+                if retired:  # for new code, say: every worker restarts it, one says why
+                    logger.info("the fork server (pid %s) has retired (%s); starting a new one", self._presence_pid, retired)
+                else:  # not a restart of ours (that drops the presence first): it died or was killed
+                    logger.warning(
+                        "the fork server (pid %s) is gone, and every session process with it; starting a new one",
+                        self._presence_pid,
+                    )
             elif self._attempts_ended > seen and self._last_failure is not None:
                 # one failed while we waited for the lock (it waited as long as another
                 # try would): its answer, rather than a queue of requests that each wait
@@ -350,16 +353,26 @@ class ProcessPool:
             with anyio.CancelScope(shield=True):
                 await presence.aclose()
 
-    async def _presence_alive(self) -> bool:
+    async def _presence_alive(self) -> Optional[str]:
+        """None while the zygote lives; once it is gone, why it retired if it said so
+        (:data:`wire.RETIRING`), else ``""`` (it died, or was killed)."""
         assert self._presence is not None
-        # The zygote never writes on a presence connection after the hello reply, so a
-        # readable socket means EOF: the zygote is gone.
-        fd = self._presence.extra(anyio.abc.SocketAttribute.raw_socket).fileno()
-        readable, _, _ = select.select([fd], [], [], 0)
-        if readable:
-            await self._presence.aclose()
-            return False
-        return True
+        # The zygote writes on a presence connection after the hello reply only to say it
+        # retires, just before it goes: a readable socket means it is gone.
+        raw = self._presence.extra(anyio.abc.SocketAttribute.raw_socket)
+        readable, _, _ = select.select([raw.fileno()], [], [], 0)
+        if not readable:
+            return None
+        reason = ""
+        try:
+            data = raw.recv(4096, socket.MSG_DONTWAIT)
+            frame = wire.decode_payload(data[wire.HEADER_SIZE : wire.HEADER_SIZE + wire.decode_length(data[: wire.HEADER_SIZE])])
+            if frame.get("t") == wire.RETIRING and isinstance(frame.get("reason"), str):
+                reason = frame["reason"][:200] or "no reason given"
+        except (OSError, ProtocolError, ValueError):
+            pass  # EOF, a reset, or not that frame: gone without a word
+        await self._presence.aclose()
+        return reason
 
     def settings(self) -> Dict[str, Any]:
         """The fork server's settings this pool was configured with. They go with every

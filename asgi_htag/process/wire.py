@@ -72,6 +72,11 @@ RENDERED = struct.Struct("=d")
 RENDERED_OFFSET = CONTACT_OFFSET + 1
 
 
+# The one frame a fork server sends on a worker's presence connection after its hello
+# reply: it is stopping by plan (new app code, its runtime dir removed), for ``reason``.
+RETIRING = "retiring"
+
+
 def busy_path(sock_path: str) -> str:
     """The busy mark of the process whose socket is ``sock_path``."""
     return os.path.splitext(sock_path)[0] + ".busy"
@@ -296,4 +301,4 @@ class FlowProtocol(asyncio.Protocol):
             raise ConnectionResetError("the peer closed the connection")
 
 
-__all__ = ("encode", "loads", "encode_json", "compact_json", "ACTIONS_META", "decode_length", "decode_payload", "split_payload", "FrameBuffer", "FlowProtocol", "DEFAULT_MAX_FRAME_BYTES", "HEADER_SIZE")
+__all__ = ("encode", "loads", "encode_json", "compact_json", "ACTIONS_META", "RETIRING", "decode_length", "decode_payload", "split_payload", "FrameBuffer", "FlowProtocol", "DEFAULT_MAX_FRAME_BYTES", "HEADER_SIZE")

@@ -564,7 +564,7 @@ class Zygote:
             # socket there, and no new connection reaches us. Stop, as for new code below.
             logger.error("this fork server's socket in %s is gone: it stops so a new one starts there", self.runtime_dir)
             self.stop = True
-            self._retire()
+            self._retire("its runtime dir was removed")
             self._reply(conn, {"ok": False, "error": "stale", "message": "the runtime dir was removed; restarting the fork server"})
             return
         if self._code_changed():
@@ -572,7 +572,7 @@ class Zygote:
             # free our name and locks, and let the worker start a fresh zygote.
             logger.warning("app code changed on disk: this fork server stops so a fresh one loads it")
             self.stop = True
-            self._retire()
+            self._retire("the app's code changed")
             self._reply(conn, {"ok": False, "error": "stale", "message": "app code changed; restarting the fork server"})
             return
         init = json.dumps(msg.get("init"), sort_keys=True)
@@ -965,8 +965,16 @@ class Zygote:
         except (ProcessLookupError, OSError):
             pass
 
-    def _retire(self) -> None:
-        """Stop children, unlink our socket and release our locks, now."""
+    def _retire(self, reason: str) -> None:
+        """Stop children, unlink our socket and release our locks, now. Every worker is told
+        why on its presence connection (see :data:`wire.RETIRING`): the others find us gone
+        at their next request and know it was planned."""
+        notice = wire.encode({"t": wire.RETIRING, "reason": reason})
+        for conn in list(self.presence):
+            try:
+                conn.send(notice)
+            except OSError:
+                pass
         self.shutdown()
         for f in self.lock_files:
             f.close()
