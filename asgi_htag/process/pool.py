@@ -116,6 +116,7 @@ class _UnixStream:
         self._transport.close()
 
 
+_NOTICE_MAX_BYTES = 4096  # the most read of what a fork server says on a presence connection as it goes
 _HELLO_SECONDS = 10.0  # the longest one hello to the fork server may take (within zygote_answer_seconds)
 _CONNECT_RETRY_FIRST, _CONNECT_RETRY_MAX = 0.005, 0.1  # seconds between connects to a full backlog
 
@@ -364,13 +365,14 @@ class ProcessPool:
         if not readable:
             return None
         reason = ""
+        incoming = wire.FrameBuffer(_NOTICE_MAX_BYTES)
         try:
-            data = raw.recv(4096, socket.MSG_DONTWAIT)
-            frame = wire.decode_payload(data[wire.HEADER_SIZE : wire.HEADER_SIZE + wire.decode_length(data[: wire.HEADER_SIZE])])
-            if frame.get("t") == wire.RETIRING and isinstance(frame.get("reason"), str):
+            incoming.feed(raw.recv(_NOTICE_MAX_BYTES, socket.MSG_DONTWAIT))
+            frame = incoming.next_frame()  # None: EOF, or less than a whole frame
+            if frame is not None and frame.get("t") == wire.RETIRING and isinstance(frame.get("reason"), str):
                 reason = frame["reason"][:200] or "no reason given"
-        except (OSError, ProtocolError, ValueError):
-            pass  # EOF, a reset, or not that frame: gone without a word
+        except (OSError, ProtocolError):
+            pass  # a reset, or not that frame: gone without a word
         await self._presence.aclose()
         return reason
 
