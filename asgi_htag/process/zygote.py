@@ -635,10 +635,8 @@ class Zygote:
             # out of descriptors, memory or processes: nothing was asked of a forker, so one
             # that runs is left as it is, and the page is told the server is busy
             logger.error("cannot start a process for %s: %s", key[:8], exc)
-            if exc.errno in _OUT_OF_RESOURCES:
-                self._refuse([conn] + waiters, "full", f"the server is out of resources ({exc.strerror})")
-            else:
-                self._refuse([conn] + waiters, "crash", f"cannot start the app process: {exc}")
+            refusal = _refusal(exc)
+            self._refuse([conn] + waiters, refusal["error"], refusal["message"])
             return
         try:
             pid, pidfd, loaded_from = self._fork(spec, ref, ready_w)
@@ -1409,11 +1407,17 @@ def _forker_main(
             os.close(pidfd)
 
 
+def _refusal(exc: OSError) -> Dict[str, Any]:
+    """The answer to a spawn that ``exc`` made impossible: ``full`` when the host is out of
+    processes, memory or descriptors (the page gets a 503, as on a full host), else ``crash``."""
+    if exc.errno in _OUT_OF_RESOURCES:
+        return {"ok": False, "error": "full", "message": f"the server is out of resources ({exc.strerror})"}
+    return {"ok": False, "error": "crash", "message": f"cannot start the app process: {exc}"}
+
+
 def _fork_failed(exc: OSError) -> bytes:
-    """The forker's answer when it could not fork (or hand over) a process: ``full`` when
-    the host is out of processes, memory or descriptors (the page gets a 503)."""
-    kind = "full" if exc.errno in _OUT_OF_RESOURCES else "crash"
-    return json.dumps({"ok": False, "error": kind, "message": f"cannot fork: {exc.strerror or exc}"}).encode()
+    """The forker's answer when it could not fork (or hand over) a process."""
+    return json.dumps(_refusal(exc)).encode()
 
 
 def _child_main(spec: Dict[str, Any], cls: type, client_js: str, ready_fd: int, life_fd: int = -1) -> None:  # pragma: no cover
