@@ -883,6 +883,7 @@ def build_rows(res: Dict[str, Any]) -> Tuple[List[List[str]], List[Dict[str, Any
     targets: List[Dict[str, Any]] = []
     A = res["asgi_htag"]
     I = res["inprocess"]
+    B = res.get("bare") or {}
     F = res["floors"]
 
     def row(figure: str, value: str, floor: str, ratio: str, target: str = "", ok: Optional[bool] = None) -> None:
@@ -901,6 +902,17 @@ def build_rows(res: Dict[str, Any]) -> Tuple[List[List[str]], List[Dict[str, Any
         row(f"floor (d) CPU per click, {n} session(s) in {n} process(es)", f"{many['cpu_us_per_interaction']:.0f} us",
             f"{n} in one process {one['cpu_us_per_interaction']:.0f} us",
             fmt_x(many["cpu_us_per_interaction"] / one["cpu_us_per_interaction"]), "(info)")
+    for key, label in (("ws", "ws round trip"), ("http", "http_only round trip")):
+        if key in B:
+            e, i = B[key], I[key]
+            row(f"floor (e) bare process per session: {label}, median", fmt_ms(e["median_ms"]),
+                f"in-proc {fmt_ms(i['median_ms'])} + unix {fmt_ms(fb['median_ms'])}",
+                fmt_x(e["median_ms"] / (i["median_ms"] + fb["median_ms"])), f"(info; as the <= {RT_TARGET:g}x target)")
+    for e, i in zip(B.get("throughput", []), I["throughput"]):
+        row(f"floor (e) bare process per session: throughput, {e['sessions']} session(s)",
+            f"{e['interactions_per_s']:.0f}/s", f"in-proc {i['interactions_per_s']:.0f}/s",
+            fmt_x(e["interactions_per_s"] / i["interactions_per_s"]),
+            f"(info; as the >= {TP_TARGET:g}x target)" if e["sessions"] in (10, 50) else "(info)")
     rows.append(None)  # type: ignore[arg-type]
 
     cold, warm = A["renders"]["cold"], A["renders"]["warm"]
@@ -921,6 +933,9 @@ def build_rows(res: Dict[str, Any]) -> Tuple[List[List[str]], List[Dict[str, Any
             f"<= {RT_TARGET:g}x", ratio <= RT_TARGET)
         row(f"{label}, p99", fmt_ms(a["p99_ms"]), f"in-proc {fmt_ms(i['p99_ms'])} + unix {fmt_ms(fb['p99_ms'])}",
             fmt_x(a["p99_ms"] / floor_p99), "(info)")
+        if key in B:
+            row("  the median over floor (e)'s", fmt_ms(a["median_ms"]), f"floor (e) {fmt_ms(B[key]['median_ms'])}",
+                fmt_x(a["median_ms"] / B[key]["median_ms"]), "(info)")
 
     h, ih = A["hol"], I["hol"]
     row("head-of-line: median click before the burst", fmt_ms(h["median_click_ms"]),
@@ -944,6 +959,10 @@ def build_rows(res: Dict[str, Any]) -> Tuple[List[List[str]], List[Dict[str, Any
             f"in-proc {i['interactions_per_s']:.0f}/s", fmt_x(ratio), target, ratio >= TP_TARGET if n in (10, 50) else None)
         row(f"  p99 click at {n} session(s)", fmt_ms(a["p99_ms"]), f"in-proc {fmt_ms(i['p99_ms'])}",
             fmt_x(a["p99_ms"] / i["p99_ms"]), "(info)")
+        e = next((t for t in B.get("throughput", []) if t["sessions"] == n), None)
+        if e is not None:
+            row(f"  throughput at {n} session(s) over floor (e)'s", f"{a['interactions_per_s']:.0f}/s",
+                f"floor (e) {e['interactions_per_s']:.0f}/s", fmt_x(a["interactions_per_s"] / e["interactions_per_s"]), "(info)")
 
     for a, i in zip(A["memory"], I["memory"]):
         n = a["sessions"]
@@ -1023,7 +1042,7 @@ def machine() -> Dict[str, Any]:
 
 
 def resolved_impls(http: str) -> str:
-    """What uvicorn's "auto" picks here (the same for both servers)."""
+    """What uvicorn's "auto" picks here (the same for every server)."""
     if http == "auto":
         try:
             import httptools  # noqa: F401
@@ -1043,7 +1062,7 @@ def raise_fd_limit() -> Tuple[int, int]:
 
 async def run(args: argparse.Namespace, P: Dict[str, Any]) -> Dict[str, Any]:
     res: Dict[str, Any] = {"params": {k: list(v) if isinstance(v, tuple) else v for k, v in P.items()},
-                           "floors": {}, "asgi_htag": {}, "inprocess": {}, "servers": {}}
+                           "floors": {}, "asgi_htag": {}, "inprocess": {}, "bare": {}, "servers": {}}
     res["params"].update(loop=args.loop, http=args.http, impls=resolved_impls(args.http), quick=args.quick,
                          worker_batch=args.worker_batch)
     servers: List[Server] = []
@@ -1071,8 +1090,11 @@ async def run(args: argparse.Namespace, P: Dict[str, Any]) -> Dict[str, Any]:
         asgi_env = {"BENCH_WORKER_BATCH": args.worker_batch} if args.worker_batch else {}
         asgi = Server("asgi_htag", "bench.server:app", args.loop, args.http, asgi_env)
         servers.append(asgi)
+        bare = Server("bare", "bench.bare_process_runner:app", args.loop, args.http)  # floor (e)
+        servers.append(bare)
         await inproc.start()
         await asgi.start()
+        await bare.start()
 
         async def asgi_stats() -> Dict[str, Any]:
             async with httpx.AsyncClient(base_url=asgi.url, timeout=30) as c:
@@ -1101,15 +1123,19 @@ async def run(args: argparse.Namespace, P: Dict[str, Any]) -> Dict[str, Any]:
         async def asgi_pids() -> List[int]:
             return [asgi.pid] + list((await asgi_stats())["pids"])
 
+        async def bare_pids() -> List[int]:
+            async with httpx.AsyncClient(base_url=bare.url, timeout=30) as c:
+                return [bare.pid] + list((await c.get("/_stats")).json()["pids"])
+
         for name, server in (("inprocess", inproc), ("asgi_htag", asgi)):
             log.info("%s: cold and warm renders", name)
             res[name]["renders"] = await renders(server, P["cold"], P["warmup_renders"])
         await count_switches("renders")
 
         for kind, warmup, n in (("ws", P["ws_warmup"], P["ws_clicks"]), ("http", P["http_warmup"], P["posts"])):
-            log.info("%s round trips, both servers in %d alternating blocks", kind, P["rt_rounds"])
-            got = await round_trips([inproc, asgi], kind, warmup, n, P["rt_rounds"])
-            for name in ("inprocess", "asgi_htag"):
+            log.info("%s round trips, the three servers in %d alternating blocks", kind, P["rt_rounds"])
+            got = await round_trips([inproc, asgi, bare], kind, warmup, n, P["rt_rounds"])
+            for name in ("inprocess", "asgi_htag", "bare"):
                 res[name][kind] = got[name]
             await count_switches(kind)
 
@@ -1121,13 +1147,14 @@ async def run(args: argparse.Namespace, P: Dict[str, Any]) -> Dict[str, Any]:
                 log.info("%s: head-of-line blocking, the same burst at a do-nothing route", name)
                 R["hol_ping"] = await head_of_line(server, P["hol_rounds"], P["hol_burst"], P["hol_baseline"], "/_ping")
             R["throughput"] = []
+        res["bare"]["throughput"] = []
         await count_switches("hol")
 
         for n in P["tp_levels"]:
-            log.info("throughput with %d sessions, both servers in %d alternating windows", n, P["tp_rounds"])
-            got = await throughput([inproc, asgi], n, P["tp_seconds"], P["tp_warmup"], P["tp_rounds"],
-                                   {"inprocess": inproc_pids, "asgi_htag": asgi_pids})
-            for name in ("inprocess", "asgi_htag"):
+            log.info("throughput with %d sessions, the three servers in %d alternating windows", n, P["tp_rounds"])
+            got = await throughput([inproc, asgi, bare], n, P["tp_seconds"], P["tp_warmup"], P["tp_rounds"],
+                                   {"inprocess": inproc_pids, "asgi_htag": asgi_pids, "bare": bare_pids})
+            for name in ("inprocess", "asgi_htag", "bare"):
                 res[name]["throughput"].append(got[name])
             await count_switches(f"throughput_{n}")
 
@@ -1137,6 +1164,7 @@ async def run(args: argparse.Namespace, P: Dict[str, Any]) -> Dict[str, Any]:
         res["inprocess"]["memory"] = await memory_inproc(inproc, P["mem_levels"])
         stop(inproc)
         stop(asgi)
+        stop(bare)
 
         asgi2 = Server("asgi_htag-memory", "bench.server:app", args.loop, args.http, asgi_env)
         servers.append(asgi2)
@@ -1155,8 +1183,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: small counts, 10 and 100 sessions (< 1 min)")
     ap.add_argument("--json", default=str(BENCH / "results" / "latest.json"), help="where to write the results")
-    ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop of both servers and the client")
-    ap.add_argument("--http", choices=("auto", "h11", "httptools"), default="auto", help="uvicorn HTTP implementation (both servers)")
+    ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop of every server and the client")
+    ap.add_argument("--http", choices=("auto", "h11", "httptools"), default="auto", help="uvicorn HTTP implementation (every server)")
     ap.add_argument("--worker-batch", choices=("on", "off", "auto"),
                     help="serve asgi_htag with worker_batch_scheduling=True, False or \"auto\" "
                          "(default: the Engine's default, False; see the README's Settings)")
@@ -1199,9 +1227,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     passed = sum(t["pass"] for t in targets)
     print(f"targets: {passed}/{len(targets)} PASS" + ("" if passed == len(targets) else
           " - FAIL: " + "; ".join(t["figure"] for t in targets if not t["pass"])))
-    for name in ("inprocess", "asgi_htag"):
+    for name in ("inprocess", "asgi_htag", "bare"):
         tp = ", ".join(f"{t['sessions']}: client {t['client_cpu']:.2f} / server {t['server_cpu']:.2f}"
                        for t in res[name]["throughput"])
+        if "hol" not in res[name]:  # floor (e): its renders and bursts are not timed
+            print(f"{name} (floor (e)): CPU cores used during throughput ({tp})")
+            continue
         h = res[name]["hol"]["burst_get"]
         print(f"{name}: CPU cores used during throughput ({tp}); burst GETs (new sessions) "
               f"median {fmt_ms(h['median_ms'])}, max {fmt_ms(h['max_ms'])}")

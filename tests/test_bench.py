@@ -43,6 +43,16 @@ def test_quick_benchmark_runs_and_loses_nothing(tmp_path):
         assert all(t["bad_answers"] == 0 and t["interactions_per_s"] > 0 for t in r["throughput"])
         for m in r["memory"]:
             assert m["answered"] == m["sessions"], (name, m["sessions"], m.get("failures"))
+    # floor (e), the bare process-per-session runner: its round trips and throughput
+    bare = res["bare"]
+    for kind in ("ws", "http"):
+        assert bare[kind]["n"] == res["asgi_htag"][kind]["n"] > 0 and bare[kind]["bad_answers"] == 0, kind
+    assert bare["ws"]["final_count_ok"], "floor (e): a click was lost"
+    assert [t["sessions"] for t in bare["throughput"]] == [1, 10, 50]
+    assert all(t["bad_answers"] == 0 and t["interactions_per_s"] > 0 for t in bare["throughput"])
+    # each of its sessions in a process of its own, counted by the throughput windows
+    assert len(bare["throughput"][-1]["cpu_by_pid"]) >= 1 + 50
+    assert "floor (e) bare process per session: throughput, 50 session(s)" in proc.stdout
     assert res["asgi_htag"]["hol_ping"]["bad_answers"] == 0
     # the default run measures the defaults: the worker's policy left alone throughout
     assert res["asgi_htag"]["worker_batch_scheduling"] is False
@@ -53,7 +63,7 @@ def test_quick_benchmark_runs_and_loses_nothing(tmp_path):
     assert used["clicks_each"] == res["params"]["mem_used_clicks"] + 2
     assert used["bad_answers"] == 0 and used["child_uss_mb_mean"] > 0
 
-    assert set(res["servers"]) == {"inprocess", "asgi_htag", "asgi_htag-memory"}
+    assert set(res["servers"]) == {"inprocess", "asgi_htag", "bare", "asgi_htag-memory"}
     for name, info in res["servers"].items():
         assert info["stop"]["left"] == [], f"{name} left processes behind: {info['stop']}"
         assert info["log_issue_count"] == 0, f"{name}: {info['log_issues']}"
