@@ -24,14 +24,13 @@ import asyncio
 import gc
 import json
 import os
-import secrets
 import signal
 import socket
 import struct
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Deque, Dict, List, Optional, Union
 
-from bench.inprocess_runner import COOKIE, JS, _cookie, _respond
+from bench.inprocess_runner import asgi_app, serve_page, serve_post, serve_websocket
 
 HEADER = struct.Struct(">I")
 RENDER = b"r"
@@ -140,54 +139,30 @@ class _Child(asyncio.Protocol):
 SESSIONS: Dict[str, _Child] = {}
 
 
+async def _create(js: str) -> _Child:
+    pid, sock = _fork_child(js)
+    _, child = await asyncio.get_running_loop().create_unix_connection(lambda: _Child(pid), sock=sock)
+    return child
+
+
+async def _render(child: _Child) -> bytes:
+    return await child.ask(RENDER)
+
+
 async def _page(scope: Dict[str, Any], send: Any, mode: str) -> None:
-    sid = _cookie(scope)
-    extra = []
-    child = SESSIONS.get(sid) if sid else None
-    if child is None:
-        sid = secrets.token_urlsafe(24)
-        cfg = {"mode": mode, "ws": "/ws", "post": "/interact", "token": sid[:8], "parano": False}
-        pid, sock = _fork_child(JS % json.dumps(cfg))
-        _, child = await asyncio.get_running_loop().create_unix_connection(lambda: _Child(pid), sock=sock)
-        SESSIONS[sid] = child
-        extra.append((b"set-cookie", f"{COOKIE}={sid}; Path=/; HttpOnly; SameSite=Lax".encode()))
-    await _respond(send, 200, await child.ask(RENDER), b"text/html; charset=utf-8", extra)
+    await serve_page(scope, send, mode, SESSIONS, _create, _render)
+
+
+async def _ask(child: _Child, body: Union[str, bytes]) -> str:
+    return (await child.ask(INTERACT, body.encode() if isinstance(body, str) else body)).decode()
 
 
 async def _post(scope: Dict[str, Any], receive: Any, send: Any) -> None:
-    body = b""
-    more = True
-    while more:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        body += message.get("body", b"")
-        more = message.get("more_body", False)
-    child = SESSIONS.get(_cookie(scope) or "")
-    if child is None:
-        await _respond(send, 200, b'{"gone":true}', b"application/json")
-        return
-    await _respond(send, 200, await child.ask(INTERACT, body), b"application/json")
+    await serve_post(scope, receive, send, SESSIONS, _ask)
 
 
 async def _websocket(scope: Dict[str, Any], receive: Any, send: Any) -> None:
-    message = await receive()
-    if message["type"] != "websocket.connect":
-        return
-    child = SESSIONS.get(_cookie(scope) or "")
-    if child is None:
-        await send({"type": "websocket.close", "code": 4001})
-        return
-    await send({"type": "websocket.accept"})
-    while True:
-        message = await receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        if message["type"] != "websocket.receive":
-            continue
-        text = message.get("text")
-        body = text.encode() if text is not None else (message.get("bytes") or b"{}")
-        await send({"type": "websocket.send", "text": (await child.ask(INTERACT, body)).decode()})
+    await serve_websocket(scope, receive, send, SESSIONS, _ask)
 
 
 async def _end_children(timeout: float = 10) -> None:
@@ -212,38 +187,5 @@ async def _end_children(timeout: float = 10) -> None:
             await asyncio.sleep(0.01)
 
 
-async def _lifespan(receive: Any, send: Any) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await _end_children()
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-
-
-async def app(scope: Dict[str, Any], receive: Any, send: Any) -> None:
-    kind = scope["type"]
-    if kind == "lifespan":
-        await _lifespan(receive, send)
-        return
-    path = scope.get("path", "/")
-    if kind == "websocket":
-        if path == "/ws":
-            await _websocket(scope, receive, send)
-        else:
-            await send({"type": "websocket.close", "code": 1008})
-        return
-    if kind != "http":
-        return
-    method = scope.get("method")
-    if method in ("GET", "HEAD") and path in ("/", "/http"):
-        await _page(scope, send, "http" if path == "/http" else "ws")
-    elif method == "POST" and path == "/interact":
-        await _post(scope, receive, send)
-    elif method == "GET" and path == "/_stats":
-        stats = {"sessions": len(SESSIONS), "pids": [c.pid for c in SESSIONS.values()]}
-        await _respond(send, 200, json.dumps(stats).encode(), b"application/json")
-    else:
-        await _respond(send, 404, b"not found", b"text/plain")
+app = asgi_app(_page, _post, _websocket,
+               lambda: {"sessions": len(SESSIONS), "pids": [c.pid for c in SESSIONS.values()]}, _end_children)

@@ -21,7 +21,7 @@ Run with the repository root on PYTHONPATH:
 """
 import json
 import secrets
-from typing import Any, Dict, Optional
+from typing import Any, Awaitable, Callable, Dict, Optional, Union
 
 from htag.render import HRenderer
 
@@ -69,43 +69,76 @@ async def _respond(send: Any, status: int, body: bytes, ctype: bytes, extra: Opt
     await send({"type": "http.response.body", "body": body})
 
 
-async def _page(scope: Dict[str, Any], send: Any, mode: str) -> None:
+async def serve_page(scope: Dict[str, Any], send: Any, mode: str, sessions: Dict[str, Any],
+                     create: Callable[[str], Awaitable[Any]], render: Callable[[Any], Awaitable[bytes]]) -> None:
+    """``GET /`` (``mode`` "ws") or ``/http`` ("http"): a new session (no or unknown cookie)
+    gets ``create(the page's JS)``, kept in ``sessions``; the page is ``render(it)``."""
     sid = _cookie(scope)
     extra = []
-    hr = SESSIONS.get(sid) if sid else None
-    if hr is None:
+    target = sessions.get(sid) if sid else None
+    if target is None:
         sid = secrets.token_urlsafe(24)
         cfg = {"mode": mode, "ws": "/ws", "post": "/interact", "token": sid[:8], "parano": False}
-        hr = HRenderer(Counter, JS % json.dumps(cfg), init=((), {}))
-        SESSIONS[sid] = hr
+        target = sessions[sid] = await create(JS % json.dumps(cfg))
         extra.append((b"set-cookie", f"{COOKIE}={sid}; Path=/; HttpOnly; SameSite=Lax".encode()))
-    await _respond(send, 200, str(hr).encode(), b"text/html; charset=utf-8", extra)
+    await _respond(send, 200, await render(target), b"text/html; charset=utf-8", extra)
 
 
-async def _post(scope: Dict[str, Any], receive: Any, send: Any) -> None:
+async def _create(js: str) -> HRenderer:
+    return HRenderer(Counter, js, init=((), {}))
+
+
+async def _render(hr: HRenderer) -> bytes:
+    return str(hr).encode()
+
+
+async def _page(scope: Dict[str, Any], send: Any, mode: str) -> None:
+    await serve_page(scope, send, mode, SESSIONS, _create, _render)
+
+
+async def read_body(receive: Any) -> Optional[bytes]:
+    """A request's whole body; None if the client went away."""
     body = b""
     more = True
     while more:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return
+            return None
         body += message.get("body", b"")
         more = message.get("more_body", False)
-    hr = SESSIONS.get(_cookie(scope) or "")
-    if hr is None:
-        await _respond(send, 200, b'{"gone":true}', b"application/json")
-        return
+    return body
+
+
+async def _answer(hr: HRenderer, body: Union[str, bytes]) -> str:
+    """One interaction (the page's JSON) -> the actions, as JSON."""
     o = json.loads(body)
     actions = await hr.interact(o["id"], o["method"], o.get("args") or [], o.get("kargs") or {}, o.get("event"))
-    await _respond(send, 200, json.dumps(actions).encode(), b"application/json")
+    return json.dumps(actions)
 
 
-async def _websocket(scope: Dict[str, Any], receive: Any, send: Any) -> None:
+async def serve_post(scope: Dict[str, Any], receive: Any, send: Any, sessions: Dict[str, Any],
+                     answer: Callable[[Any, Union[str, bytes]], Awaitable[str]]) -> None:
+    """``POST /interact``: one interaction of the cookie's session (``sessions[sid]``),
+    answered with ``answer(that session, the body)``."""
+    body = await read_body(receive)
+    if body is None:
+        return
+    target = sessions.get(_cookie(scope) or "")
+    if target is None:
+        await _respond(send, 200, b'{"gone":true}', b"application/json")
+        return
+    await _respond(send, 200, (await answer(target, body)).encode(), b"application/json")
+
+
+async def serve_websocket(scope: Dict[str, Any], receive: Any, send: Any, sessions: Dict[str, Any],
+                          answer: Callable[[Any, Union[str, bytes]], Awaitable[str]]) -> None:
+    """``WEBSOCKET /ws``: each text frame is an interaction of the cookie's session
+    (``sessions[sid]``), answered with ``answer(that session, the frame)``."""
     message = await receive()
     if message["type"] != "websocket.connect":
         return
-    hr = SESSIONS.get(_cookie(scope) or "")
-    if hr is None:
+    target = sessions.get(_cookie(scope) or "")
+    if target is None:
         await send({"type": "websocket.close", "code": 4001})
         return
     await send({"type": "websocket.accept"})
@@ -115,41 +148,62 @@ async def _websocket(scope: Dict[str, Any], receive: Any, send: Any) -> None:
             return
         if message["type"] != "websocket.receive":
             continue
-        o = json.loads(message.get("text") or message.get("bytes") or b"{}")
-        actions = await hr.interact(o["id"], o["method"], o.get("args") or [], o.get("kargs") or {}, o.get("event"))
-        await send({"type": "websocket.send", "text": json.dumps(actions)})
+        body = message.get("text") or message.get("bytes") or b"{}"
+        await send({"type": "websocket.send", "text": await answer(target, body)})
 
 
-async def _lifespan(receive: Any, send: Any) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
+def asgi_app(page: Callable[[Dict[str, Any], Any, str], Awaitable[None]],
+             post: Callable[[Dict[str, Any], Any, Any], Awaitable[None]],
+             websocket: Callable[[Dict[str, Any], Any, Any], Awaitable[None]],
+             stats: Callable[[], Dict[str, Any]],
+             on_shutdown: Optional[Callable[[], Awaitable[None]]] = None) -> Callable[..., Awaitable[None]]:
+    """The routes both bench runners serve (see the module's docstring), around their
+    own page, POST, websocket and stats handlers."""
+
+    async def lifespan(receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if on_shutdown is not None:
+                    await on_shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def app(scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await lifespan(receive, send)
             return
-
-
-async def app(scope: Dict[str, Any], receive: Any, send: Any) -> None:
-    kind = scope["type"]
-    if kind == "lifespan":
-        await _lifespan(receive, send)
-        return
-    path = scope.get("path", "/")
-    if kind == "websocket":
-        if path == "/ws":
-            await _websocket(scope, receive, send)
+        path = scope.get("path", "/")
+        if kind == "websocket":
+            if path == "/ws":
+                await websocket(scope, receive, send)
+            else:
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        if kind != "http":
+            return
+        method = scope.get("method")
+        if method in ("GET", "HEAD") and path in ("/", "/http"):
+            await page(scope, send, "http" if path == "/http" else "ws")
+        elif method == "POST" and path == "/interact":
+            await post(scope, receive, send)
+        elif method == "GET" and path == "/_stats":
+            await _respond(send, 200, json.dumps(stats()).encode(), b"application/json")
         else:
-            await send({"type": "websocket.close", "code": 1008})
-        return
-    if kind != "http":
-        return
-    method = scope.get("method")
-    if method in ("GET", "HEAD") and path in ("/", "/http"):
-        await _page(scope, send, "http" if path == "/http" else "ws")
-    elif method == "POST" and path == "/interact":
-        await _post(scope, receive, send)
-    elif method == "GET" and path == "/_stats":
-        await _respond(send, 200, json.dumps({"sessions": len(SESSIONS)}).encode(), b"application/json")
-    else:
-        await _respond(send, 404, b"not found", b"text/plain")
+            await _respond(send, 404, b"not found", b"text/plain")
+
+    return app
+
+
+async def _post(scope: Dict[str, Any], receive: Any, send: Any) -> None:
+    await serve_post(scope, receive, send, SESSIONS, _answer)
+
+
+async def _websocket(scope: Dict[str, Any], receive: Any, send: Any) -> None:
+    await serve_websocket(scope, receive, send, SESSIONS, _answer)
+
+
+app = asgi_app(_page, _post, _websocket, lambda: {"sessions": len(SESSIONS)})
