@@ -455,3 +455,19 @@ class BackgroundBlock(Tag.body):
 
     def inc(self):
         self.value.clear("1")
+
+
+class Lister(Tag.body):
+    """Adds a row per click, and shows how many classes its rows have: htag makes a new
+    class for every ``Tag.li``; a session process shares one per name."""
+
+    def init(self):
+        self.items = Tag.ul(_data_test="items")
+        self.kinds = Tag.span("0", _data_test="kinds")
+        self <= Tag.button("more", _onclick=self.bind.more(), _data_test="more")
+        self <= self.items
+        self <= self.kinds
+
+    def more(self):
+        self.items <= Tag.li(str(len(self.items.childs) + 1))
+        self.kinds.clear(str(len({type(c) for c in self.items.childs})))

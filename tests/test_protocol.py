@@ -2,6 +2,7 @@
 HTTP and websocket clients, one OS process per session."""
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -37,6 +38,18 @@ def test_websocket_counter_and_reload_reuses_instance(server, new_client):
     again = Page(c, "/")
     assert again.texts["pid"] == pid, "a reload must reuse the session's instance"
     assert again.texts["value"] == "3"
+
+
+def test_the_tags_an_app_makes_share_one_class_per_name_in_its_process(server, new_client):
+    """htag makes a new class for every ``Tag.li`` an app writes; a session process makes
+    one per name, once (host.share_tag_classes), and the rows render as before."""
+    page = Page(new_client(), "/lister")
+    with page.ws() as ws:
+        shown = [texts_of(click(ws, page, "more")) for _ in range(3)]
+    assert shown[0]["kinds"] == "1" and shown[-1]["items"] == "123"
+    again = Page(page.client, "/lister")  # the same instance, rendered whole
+    assert again.texts["kinds"] == "1", "three rows, three classes: not shared"
+    assert re.findall(r"<li id=\"\d+\">(\d)</li>", again.html) == ["1", "2", "3"]
 
 
 def test_two_sessions_get_independent_processes(server, new_client):

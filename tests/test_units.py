@@ -670,3 +670,78 @@ def test_json_nested_past_the_recursion_limit_is_a_value_error_and_a_protocol_er
         wire.decode_payload(data)
     nested_50 = "[" * 50 + "]" * 50  # well within the limit: parsed as json.loads does
     assert wire.loads(b'{"a": ' + nested_50.encode() + b"}") == {"a": json.loads(nested_50)}
+
+
+# --- htag's tag classes, shared per process (host.share_tag_classes) ---------------------
+@pytest.fixture
+def shared_tags(monkeypatch):
+    """share_tag_classes installed (as in every session process), with an empty table."""
+    from asgi_htag.process import host
+
+    host.share_tag_classes()
+    monkeypatch.setattr(host, "_TAG_CLASSES", host._TAG_CLASSES)  # restored as it was
+    saved = dict(host._TAG_CLASSES)
+    host._TAG_CLASSES.clear()
+    yield host
+    host._TAG_CLASSES.clear()
+    host._TAG_CLASSES.update(saved)
+
+
+def test_a_tag_name_gives_one_class_built_as_htag_builds_it(shared_tags):
+    div = Tag.div
+    assert Tag.div is div
+    assert div.__name__ == "TagDiv" and div.tag == "div" and div.__bases__ == (Tag,)
+    assert str(Tag.div("x", _class="c")) == '<div class="c">x</div>'  # as htag renders it
+    a, b = Tag.div("a"), Tag.div("b")
+    assert a.tag == b.tag == "div" and a.childs == ("a",) and b.childs == ("b",)
+
+    class Mine(Tag.div):  # subclassing, as apps do
+        pass
+
+    assert Mine.__mro__[1:] == (div, Tag, object)
+    assert str(Mine("y")) == "<div>y</div>"
+
+
+def test_a_change_to_tag_reaches_the_classes_given_after_it(shared_tags):
+    before = Tag.p
+    saved = Tag.STRICT_MODE
+    try:
+        Tag.STRICT_MODE = not saved
+        after = Tag.p
+        assert after is not before and after.STRICT_MODE is (not saved)
+        assert Tag.p is after  # and it is shared from then on
+        Tag.brand_new_attribute = 1
+        assert Tag.p is not after and Tag.p.brand_new_attribute == 1
+        del Tag.brand_new_attribute
+        assert "brand_new_attribute" not in Tag.p.__dict__  # (a missing name, to htag, is a tag)
+    finally:
+        Tag.STRICT_MODE = saved
+    assert Tag.p.STRICT_MODE is saved
+
+
+def test_a_shared_class_changed_by_the_app_is_given_out_no_more(shared_tags):
+    span = Tag.span
+    span.js = "self.focus()"  # htag would have given this class to nobody else
+    fresh = Tag.span
+    assert fresh is not span and fresh.js is None and span.js == "self.focus()"
+    del span.js
+    assert Tag.span is fresh  # a change to a class no longer shared drops nothing
+    # attributes set on an app's own classes (not shared) work as ever
+    from tests.apps import Counter
+
+    Counter.class_level = 3
+    try:
+        assert Counter.class_level == 3 and Tag.span is fresh
+    finally:
+        del Counter.class_level
+
+
+def test_special_names_and_names_past_the_bound_are_not_shared(shared_tags):
+    assert getattr(Tag, "_private_probe") is not getattr(Tag, "_private_probe")
+    names = [f"x{i}" for i in range(shared_tags._TAG_CLASSES_MAX + 20)]
+    for name in names:
+        getattr(Tag, name)
+    assert len(shared_tags._TAG_CLASSES) == shared_tags._TAG_CLASSES_MAX
+    assert getattr(Tag, names[0]) is getattr(Tag, names[0])
+    assert getattr(Tag, names[-1]) is not getattr(Tag, names[-1])  # htag's way: a new one
+    assert getattr(Tag, names[-1]).tag == names[-1]

@@ -95,6 +95,7 @@ PAGES = {
     "/bad-init": page_of(apps.BadInit),
     "/replacer": page_of(apps.Replacer),
     "/rows": page_of(apps.Rows),
+    "/lister": page_of(apps.Lister),
     "/bad-init-debug": page_of(apps.BadInit, debug=True),
     "/slow-render": page_of(apps.SlowRender, timeout_interaction=1),
     "/crashy": page_of(apps.Crashy),
