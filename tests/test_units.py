@@ -674,12 +674,11 @@ def test_json_nested_past_the_recursion_limit_is_a_value_error_and_a_protocol_er
 
 # --- htag's tag classes, shared per process (host.share_tag_classes) ---------------------
 @pytest.fixture
-def shared_tags(monkeypatch):
+def shared_tags():
     """share_tag_classes installed (as in every session process), with an empty table."""
     from asgi_htag.process import host
 
     host.share_tag_classes()
-    monkeypatch.setattr(host, "_TAG_CLASSES", host._TAG_CLASSES)  # restored as it was
     saved = dict(host._TAG_CLASSES)
     host._TAG_CLASSES.clear()
     yield host
@@ -695,10 +694,12 @@ def test_a_tag_name_gives_one_class_built_as_htag_builds_it(shared_tags):
     a, b = Tag.div("a"), Tag.div("b")
     assert a.tag == b.tag == "div" and a.childs == ("a",) and b.childs == ("b",)
 
-    class Mine(Tag.div):  # subclassing, as apps do
+    class Mine(Tag.div):  # subclassing, as apps do: a base of its own, as htag gives
         pass
 
-    assert Mine.__mro__[1:] == (div, Tag, object)
+    base = Mine.__bases__[0]
+    assert base is not div and base.__name__ == "TagDiv" and base.tag == "div" and base.__bases__ == (Tag,)
+    assert Tag.div is div
     assert str(Mine("y")) == "<div>y</div>"
 
 
@@ -716,6 +717,8 @@ def test_a_change_to_tag_reaches_the_classes_given_after_it(shared_tags):
         assert "brand_new_attribute" not in Tag.p.__dict__  # (a missing name, to htag, is a tag)
     finally:
         Tag.STRICT_MODE = saved
+        if "brand_new_attribute" in Tag.__dict__:
+            del Tag.brand_new_attribute
     assert Tag.p.STRICT_MODE is saved
 
 
@@ -745,3 +748,39 @@ def test_special_names_and_names_past_the_bound_are_not_shared(shared_tags):
     assert getattr(Tag, names[0]) is getattr(Tag, names[0])
     assert getattr(Tag, names[-1]) is not getattr(Tag, names[-1])  # htag's way: a new one
     assert getattr(Tag, names[-1]).tag == names[-1]
+
+
+def test_components_keep_their_statics_order_and_inherit_nothing_from_a_shared_class(shared_tags):
+    """htag collects statics by walking Tag's subclasses in the order they were made: a
+    component's base must be made with it, not shared, or a later component's CSS could
+    come out before an earlier one's and lose the cascade."""
+    from htag.render import HRenderer
+
+    Tag.div("made first")  # a shared div class exists before the components are declared
+
+    class Card(Tag.div):
+        statics = ".order-probe{color:red}"
+
+    class Badge(Tag.span):
+        statics = ".order-probe{color:green}"
+
+    class Alert(Tag.div):  # declared last: meant to win the cascade
+        statics = ".order-probe{color:blue}"
+
+    class Page(Tag.body):
+        def init(self):
+            self <= Card("c") + Badge("b") + Alert("a")
+
+    html = str(HRenderer(Page, ""))
+    found = [c for c in ("red", "green", "blue") if f".order-probe{{color:{c}}}" in html]
+    assert found == ["red", "green", "blue"]
+    assert html.index("color:red") < html.index("color:green") < html.index("color:blue")
+
+    shared = Tag.div
+    shared.js = "self.remove()"  # set on the shared class: dropped from the table
+    try:
+        assert Card.js is None and Alert.js is None  # the components never inherited it
+        assert not isinstance(Card("x"), shared)
+        assert Tag.div is not shared and Tag.div.js is None
+    finally:
+        del shared.js

@@ -75,15 +75,25 @@ def share_tag_classes() -> None:
     every tag an app writes and for the six htag's own page render writes (html, head,
     meta, title). In a session process, forked from the fork server, each of those copies
     also takes a reference to every value in Tag's dict, and so writes to (so copies) the
-    pages the fork server's objects sit on. Made in the fork server and shared, the classes
-    cost a process nothing; the process holds about 0.3 MB less after its first render.
+    pages the fork server's objects sit on. Made once in the fork server and shared, the
+    classes spare each process those copies: about 0.2 MB (see the README).
 
     What a class is made of does not change: htag's own builder makes it, from Tag's
-    dict as it is then. Only sharing is new, and the places where sharing could show are
-    kept as htag has them: setting or deleting an attribute of ``Tag`` drops every shared
-    class (the next ones see the change), and one set on a shared class drops that class
-    (``Tag.<name>`` then gives a new one, as in htag). Names starting with "_" (lookups of
-    special names) and names past the first 256 are not shared.
+    dict as it is then. Only sharing is new, and what sharing could change is kept as
+    htag has it:
+
+    * a class statement's base (``class Card(Tag.div)``) is never a shared class: it gets
+      a class of its own, made then, as in htag. So a component inherits nothing set on a
+      shared class, and htag's statics (collected by walking Tag's subclasses in the
+      order they were made) keep their order, and so the CSS cascade its result;
+    * setting or deleting an attribute of ``Tag`` drops every shared class (the next ones
+      see the change), and one set on a shared class drops that class (``Tag.<name>``
+      then gives a new one, as in htag).
+
+    What differs: ``isinstance(t, Tag.div)`` is true of the tags made with
+    ``Tag.div(...)``, and an attribute set on a class taken from ``Tag.div`` reaches the
+    tags already made from it. Names starting with "_" (lookups of special names) and
+    names past the first 256 are not shared.
     """
     import htag.tag as ht
 
@@ -101,13 +111,20 @@ def share_tag_classes() -> None:
                 classes[name] = made
         return made
 
+    def is_shared(cls: Any) -> bool:
+        name = cls.__dict__.get("tag") if isinstance(cls, type) else None
+        return isinstance(name, str) and classes.get(name) is cls
+
+    def new_class(mcls: type, name: str, bases: Tuple[type, ...], namespace: Dict[str, Any], **kwargs: Any) -> type:
+        if any(is_shared(b) for b in bases):  # a base of its own, made now, as htag gives
+            bases = tuple(build(ht.Tag, b.__dict__["tag"]) if is_shared(b) else b for b in bases)
+        return type.__new__(mcls, name, bases, namespace, **kwargs)  # type: ignore[call-overload,no-any-return]
+
     def forget(cls: type) -> None:
         if cls is ht.Tag:
             classes.clear()
-            return
-        name = cls.__dict__.get("tag")
-        if isinstance(name, str) and classes.get(name) is cls:
-            del classes[name]
+        elif is_shared(cls):
+            del classes[cls.__dict__["tag"]]
 
     def setattr_(cls: type, name: str, value: Any) -> None:
         forget(cls)
@@ -118,6 +135,7 @@ def share_tag_classes() -> None:
         type.__delattr__(cls, name)
 
     creator.__getattr__ = shared_class  # type: ignore[assignment]
+    creator.__new__ = new_class  # type: ignore[assignment]
     creator.__setattr__ = setattr_  # type: ignore[assignment]
     creator.__delattr__ = delattr_  # type: ignore[assignment]
     type.__setattr__(creator, "_asgi_htag_shared", True)
