@@ -236,6 +236,12 @@ class Server:
         return [line for line in self.log_text.splitlines() if LOG_ISSUE_RE.search(line)]
 
 
+async def server_stats(server: Server, timeout: float = 30) -> Dict[str, Any]:
+    """The server's ``/_stats`` (its session processes' pids under ``"pids"``)."""
+    async with httpx.AsyncClient(base_url=server.url, timeout=timeout) as c:
+        return (await c.get("/_stats")).json()  # type: ignore[no-any-return]
+
+
 # --- pages and sessions -------------------------------------------------------------------
 def find_inc(text: str) -> Dict[str, Any]:
     """The Counter's "inc" interaction, read from the button's onclick as tests/client.py does."""
@@ -753,8 +759,7 @@ async def close_all(live: List[Session]) -> None:
 
 async def children_uss(server: Server) -> Tuple[Dict[str, Any], List[float]]:
     """The server's ``/_stats`` and the USS (MB) of every session process it names."""
-    async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
-        st = (await c.get("/_stats")).json()
+    st = await server_stats(server, timeout=60)
     children = []
     for pid in st["pids"]:
         try:
@@ -1097,8 +1102,7 @@ async def run(args: argparse.Namespace, P: Dict[str, Any]) -> Dict[str, Any]:
         await bare.start()
 
         async def asgi_stats() -> Dict[str, Any]:
-            async with httpx.AsyncClient(base_url=asgi.url, timeout=30) as c:
-                return (await c.get("/_stats")).json()  # type: ignore[no-any-return]
+            return await server_stats(asgi)
 
         # as the server has it, not as --worker-batch asked: what the table's header says
         # it measured; and the policy seen from outside, at rest
@@ -1124,8 +1128,7 @@ async def run(args: argparse.Namespace, P: Dict[str, Any]) -> Dict[str, Any]:
             return [asgi.pid] + list((await asgi_stats())["pids"])
 
         async def bare_pids() -> List[int]:
-            async with httpx.AsyncClient(base_url=bare.url, timeout=30) as c:
-                return [bare.pid] + list((await c.get("/_stats")).json()["pids"])
+            return [bare.pid] + list((await server_stats(bare))["pids"])
 
         for name, server in (("inprocess", inproc), ("asgi_htag", asgi)):
             log.info("%s: cold and warm renders", name)
